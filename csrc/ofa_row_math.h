@@ -1,0 +1,78 @@
+// Per-element formulas of the OFA loss, shared by the CPU kernel (scalar and at::vec
+// vector types) and the CUDA kernel (__host__ __device__ scalars).
+//
+// Notation for one row (see shared/docs/ofa-loss.md): x = s / T (student), z = t / T
+// (teacher), log_p = z - lse(z), p = exp(log_p), y the target class, eps > 0.
+//   w_c = p_c ** eps            = exp(eps * log_p_c)          (c != y)
+//   w_y = (1 + p_y) ** eps - 1  = expm1(eps * log1p(p_y))
+//   S   = sum_c w_c
+//   l   = sum_c w_c * (max_x - x_c) + S * log(sum_c exp(x_c - max_x))
+//   dl/ds_c = (S * q_c - w_c) / T,   q = softmax(x)
+//   dl/dt_c = (p_c / T) * (g_c - sum_j p_j g_j),  g_c = -eps * (p_c + m_c) ** (eps - 1) * log_q_c
+//
+// Every function is a template over the value type, so the CPU kernel instantiates the same
+// formula for a scalar tail and for a SIMD vector, and nvcc for float and double. Callers
+// provide ofa_exp / ofa_log1p / ofa_expm1 overloads for their types before including this.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define OFA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define OFA_HOST_DEVICE inline
+#endif
+
+namespace ofakd {
+
+// Scalar elementary functions, usable on host and device.
+OFA_HOST_DEVICE float ofa_exp(float x) { return expf(x); }
+OFA_HOST_DEVICE double ofa_exp(double x) { return exp(x); }
+OFA_HOST_DEVICE float ofa_log(float x) { return logf(x); }
+OFA_HOST_DEVICE double ofa_log(double x) { return log(x); }
+OFA_HOST_DEVICE float ofa_log1p(float x) { return log1pf(x); }
+OFA_HOST_DEVICE double ofa_log1p(double x) { return log1p(x); }
+OFA_HOST_DEVICE float ofa_expm1(float x) { return expm1f(x); }
+OFA_HOST_DEVICE double ofa_expm1(double x) { return expm1(x); }
+
+// Weight of a non-target class: p_c ** eps, with no pow (log_p is already known).
+// eps == 1 is the common case (w = p) and is best served by the caller reusing p.
+template <typename T>
+OFA_HOST_DEVICE T class_weight(T log_p, T eps) {
+  return ofa_exp(eps * log_p);
+}
+
+// Weight of the target class: (1 + p_y) ** eps - 1, exact for small p_y.
+template <typename T>
+OFA_HOST_DEVICE T target_weight(T p_target, T eps) {
+  return ofa_expm1(eps * ofa_log1p(p_target));
+}
+
+// Row loss from the three statistics a pass over the student row gathers:
+// weight_sum = S, weighted_gap = sum_c w_c (max_x - x_c) >= 0, log_sum = log(sum_c exp(x_c - max_x)).
+// Written this way no term cancels, even for logits of magnitude 1e4.
+template <typename T>
+OFA_HOST_DEVICE T row_loss(T weight_sum, T weighted_gap, T log_sum) {
+  return weighted_gap + weight_sum * log_sum;
+}
+
+// Student gradient of one element, already multiplied by (upstream scale / T):
+// (S * q_c - w_c) * scale_over_T.
+template <typename T>
+OFA_HOST_DEVICE T student_grad(T weight_sum, T q, T w, T scale_over_T) {
+  return (weight_sum * q - w) * scale_over_T;
+}
+
+// d l / d p_c for the teacher gradient: -eps * base ** (eps - 1) * log_q_c, where
+// log_base = log(p_c) off the target and log1p(p_y) on it.
+template <typename T>
+OFA_HOST_DEVICE T weight_grad(T log_base, T eps, T log_q) {
+  return T(-1) * eps * ofa_exp((eps - T(1)) * log_base) * log_q;
+}
+
+// Teacher gradient of one element, already multiplied by (upstream scale / T):
+// p_c * (g_c - sum_j p_j g_j) * scale_over_T.
+template <typename T>
+OFA_HOST_DEVICE T teacher_grad(T p, T g, T p_dot_g, T scale_over_T) {
+  return p * (g - p_dot_g) * scale_over_T;
+}
+
+}  // namespace ofakd

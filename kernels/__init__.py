@@ -1,0 +1,1 @@
+"""Triton kernels of ofakd_fast, installed as ofakd_fast.kernels."""
