@@ -18,7 +18,8 @@ def load_build_config():
 build = load_build_config()
 # Relative source paths: setuptools refuses absolute ones in an editable install.
 sources = [str(Path(p).relative_to(ROOT)) for p in build.cpu_sources()]
-ext_modules = [CppExtension(build.CPU_EXTENSION, sources, extra_compile_args={"cxx": build.cxx_flags()})]
+ext_modules = [CppExtension(build.CPU_EXTENSION, sources, extra_compile_args={"cxx": build.cxx_flags()},
+                            extra_link_args=build.link_flags())]
 
 setup(
     name="ofakd_fast",
@@ -27,7 +28,7 @@ setup(
     packages=["ofakd_fast", "ofakd_fast.kernels"],
     package_dir={"ofakd_fast": "ofakd_fast", "ofakd_fast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
+    install_requires=["torch>=2.6", "timm>=1.0", "pyyaml", "safetensors"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},

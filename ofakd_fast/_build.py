@@ -28,7 +28,12 @@ def cpu_capability() -> str:
 
 
 def cxx_flags() -> list:
-    return ["-O3", *_SIMD_FLAGS.get(cpu_capability(), ["-DCPU_CAPABILITY=DEFAULT"])]
+    # -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread.
+    return ["-O3", "-fopenmp", *_SIMD_FLAGS.get(cpu_capability(), ["-DCPU_CAPABILITY=DEFAULT"])]
+
+
+def link_flags() -> list:
+    return ["-fopenmp"]
 
 
 def cpu_sources(root: Path = CSRC) -> list:

@@ -26,7 +26,8 @@ def cpu_extension_error() -> Optional[str]:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="ofakd_fast_C_jit", sources=sources, extra_cflags=_build.cxx_flags(), verbose=False)
+        load(name="ofakd_fast_C_jit", sources=sources, extra_cflags=_build.cxx_flags(),
+             extra_ldflags=_build.link_flags(), verbose=False)
         return None
     except Exception as build_error:  # any compiler or linker failure means: no CPU kernel
         reason = (f"{missing}, and building it just in time from {_build.CSRC} failed "

@@ -67,8 +67,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     requested = requested or "auto"
     if requested == "auto":
         requested = os.environ.get("OFAKD_BACKEND", "auto") or "auto"
+    return _resolve(requested, torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device_type: str) -> str:
+    # A constant for torch.compile: it checks imports and registrations, which it cannot trace.
+    device = torch.device(device_type)
     if requested == "auto":
-        device = torch.device(device)
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         return next((name for name in order if backend_error(name, device) is None), "reference")
     error = backend_error(requested, device)

@@ -167,7 +167,9 @@ def _target_indices(target: Tensor, batch: int, classes: int, device: torch.devi
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise TypeError(f"target: class indices must be an integer tensor, got {target.dtype}")
     target = target.long()
-    if device.type == "cpu" and target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+    # Checked on the host for CPU tensors only (no GPU sync); under torch.compile the kernel checks.
+    if (device.type == "cpu" and not torch.compiler.is_compiling() and target.numel()
+            and (int(target.min()) < 0 or int(target.max()) >= classes)):
         bad = target[(target < 0) | (target >= classes)][0].item()
         raise ValueError(f"target: class indices must lie in [0, {classes}), got {bad}")
     return target

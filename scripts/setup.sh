@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv at the repo root, installs the tested torch/torchvision, then this project
+# (editable, with the C++ extension and the [dev] tools). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+.venv/bin/python -c "import ofakd_fast; print('ofakd_fast backends:', ofakd_fast.available_backends())"
