@@ -1,11 +1,10 @@
 // Fused multi-branch OFA loss on CPU: K student branches x B rows x C classes against one
 // teacher, forward and (optionally) the gradients, in one pass over the logits.
 //
-// Per row: the teacher row is read once and its log-probabilities kept in a row-sized
-// scratch (L2-resident); each branch then needs its weights (shared between consecutive
-// branches with the same eps, and equal to p when eps == 1), one max pass, one pass that
-// gathers exp-sum, S and the weighted gap, and, when gradients are wanted, one pass that
-// writes the gradient row. Rows are spread over threads with at::parallel_for; the inner
+// Per row: the teacher row is read from memory once (two passes over it in cache give its
+// log-sum-exp, a third the unnormalised weights of an eps, shared by consecutive branches
+// with that eps); each branch then needs one max pass, one pass that gathers exp-sum and the
+// weighted gap, and, when gradients are wanted, one pass that writes the gradient row. Rows are spread over threads with at::parallel_for; the inner
 // loops use at::vec with float32 math (float64 for float64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -103,23 +102,25 @@ struct Problem {
   bool want_grad, want_teacher_grad;
 };
 
-// Row-sized scratch of one thread.
+// Row-sized scratch of one thread; each row lives in L2 while its logits row is processed.
 template <typename acc_t>
 struct RowScratch {
-  explicit RowScratch(int64_t C) : storage(static_cast<size_t>(8 * C)) {
-    acc_t* base = storage.data();
-    for (int i = 0; i < 8; ++i) rows[i] = base + i * C;
-  }
+  enum Row { kWeights, kExpShifted, kTeacher, kStudent, kGrad, kWeightGrad, kTeacherGrad, kNumRows };
+  explicit RowScratch(int64_t C) : C(C), storage(static_cast<size_t>(kNumRows * C)) {}
+  acc_t* row(Row r) { return storage.data() + r * C; }
+  int64_t C;
   std::vector<acc_t> storage;
-  acc_t* rows[8];
-  acc_t* log_p() { return rows[0]; }
-  acc_t* p() { return rows[1]; }
-  acc_t* weight() { return rows[2]; }
-  acc_t* exp_shifted() { return rows[3]; }
-  acc_t* converted() { return rows[4]; }
-  acc_t* grad() { return rows[5]; }
-  acc_t* weight_grad() { return rows[6]; }
-  acc_t* teacher_grad() { return rows[7]; }
+};
+
+// Teacher statistics of one row, with the weights of one eps kept unnormalised:
+// w_c = norm * u_c with u_c = exp(eps * (z_c - z_max)) and norm = sum_t ** -eps
+// (= p_c ** eps off the target), so no pass rescales the row.
+template <typename acc_t>
+struct TeacherRow {
+  acc_t z_max, log_sum;  // log_p_c = z_c - z_max - log_sum
+  acc_t p_target;
+  acc_t eps = acc_t(0);  // eps of the weights in u (0: not computed yet)
+  acc_t norm, u_target, w_target, weight_sum;
 };
 
 template <typename scalar_t>
@@ -129,121 +130,112 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
                   const Problem& pb, at::opmath_type<scalar_t>* loss_rows, scalar_t* grad_branches,
                   scalar_t* grad_teacher) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
+  using Scratch = RowScratch<acc_t>;
   const int64_t C = pb.C;
   const acc_t inv_t = static_cast<acc_t>(pb.inv_temperature);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 
   at::parallel_for(0, pb.B, grain, [&](int64_t row_begin, int64_t row_end) {
-    RowScratch<acc_t> scratch(C);
-    acc_t* log_p = scratch.log_p();
-    acc_t* p = scratch.p();
-    acc_t* w = scratch.weight();
-    acc_t* e = scratch.exp_shifted();
+    Scratch scratch(C);
+    acc_t* u = scratch.row(Scratch::kWeights);
+    acc_t* e = scratch.row(Scratch::kExpShifted);
 
     for (int64_t b = row_begin; b < row_end; ++b) {
       const int64_t y = target[b];
-      // Teacher: log_p = z - lse(z) and p = exp(log_p), z = t / T.
-      const acc_t* t = row_as_acc(teacher + b * teacher_row_stride, C, scratch.converted());
+      // Teacher: z = t / T, its max and log-sum-exp; two passes, the row stays in L1/L2.
+      const acc_t* t = row_as_acc(teacher + b * teacher_row_stride, C, scratch.row(Scratch::kTeacher));
+      TeacherRow<acc_t> tr;
       Max<acc_t> t_max;
       for_each_element<acc_t>(C, [&](auto zero, int64_t c) { t_max.add(load(zero, t + c)); });
-      const acc_t z_max = t_max.total() * inv_t;
+      tr.z_max = t_max.total() * inv_t;
       Sum<acc_t> t_sum;
       for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
         using V = decltype(zero);
-        auto shifted = load(zero, t + c) * V(inv_t) - V(z_max);
-        auto ex = ofa_exp(shifted);
-        store(shifted, log_p + c);
-        store(ex, p + c);
-        t_sum.add(ex);
+        t_sum.add(ofa_exp(load(zero, t + c) * V(inv_t) - V(tr.z_max)));
       });
-      const acc_t sum_t = t_sum.total();
-      const acc_t log_sum_t = ofa_log(sum_t);
-      for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
-        using V = decltype(zero);
-        store(load(zero, log_p + c) - V(log_sum_t), log_p + c);
-        store(load(zero, p + c) * V(acc_t(1) / sum_t), p + c);
-      });
-      const acc_t p_target = p[y];
-      if (pb.want_teacher_grad) std::fill(scratch.teacher_grad(), scratch.teacher_grad() + C, acc_t(0));
+      tr.log_sum = ofa_log(t_sum.total());
+      tr.p_target = ofa_exp(t[y] * inv_t - tr.z_max - tr.log_sum);
+      if (pb.want_teacher_grad) std::fill(scratch.row(Scratch::kTeacherGrad), scratch.row(Scratch::kTeacherGrad) + C, acc_t(0));
 
-      acc_t weight_eps = acc_t(0);  // eps of the weights currently in w (0: none yet)
-      acc_t weight_sum = acc_t(0);
       for (int64_t k = 0; k < pb.K; ++k) {
         const acc_t eps = static_cast<acc_t>(eps_values[k]);
-        const acc_t* weights = p;
-        if (eps == acc_t(1)) {
-          weight_sum = acc_t(1);
-        } else {
-          weights = w;
-          if (eps != weight_eps) {
-            Sum<acc_t> w_sum;
-            for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
-              using V = decltype(zero);
-              auto wc = class_weight(load(zero, log_p + c), V(eps));
-              store(wc, w + c);
-              w_sum.add(wc);
-            });
-            const acc_t w_target = target_weight(p_target, eps);
-            weight_sum = w_sum.total() - w[y] + w_target;
-            w[y] = w_target;
-            weight_eps = eps;
-          }
+        if (eps != tr.eps) {  // weights of this eps; consecutive branches with one eps share them
+          Sum<acc_t> u_sum;
+          for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+            using V = decltype(zero);
+            auto uc = class_weight(load(zero, t + c) * V(inv_t) - V(tr.z_max), V(eps));
+            store(uc, u + c);
+            u_sum.add(uc);
+          });
+          tr.eps = eps;
+          tr.norm = ofa_exp(-eps * tr.log_sum);
+          tr.u_target = u[y];
+          tr.w_target = target_weight(tr.p_target, eps);
+          tr.weight_sum = tr.norm * (u_sum.total() - tr.u_target) + tr.w_target;
         }
 
-        // Student: x = s / T; max, then exp-sum and the weighted gap in one pass.
-        const acc_t* s = row_as_acc(branch_rows0[k] + b * branch_row_stride[k], C, scratch.converted());
+        // Student: x = s / T; its max, then exp-sum and the weighted gap in one pass.
+        const acc_t* s = row_as_acc(branch_rows0[k] + b * branch_row_stride[k], C, scratch.row(Scratch::kStudent));
         Max<acc_t> s_max;
         for_each_element<acc_t>(C, [&](auto zero, int64_t c) { s_max.add(load(zero, s + c)); });
         const acc_t x_max = s_max.total() * inv_t;
-        Sum<acc_t> s_sum, gap;
+        Sum<acc_t> s_sum, u_gap;
         for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
           using V = decltype(zero);
           auto shifted = load(zero, s + c) * V(inv_t) - V(x_max);  // x_c - max_x <= 0
           auto ex = ofa_exp(shifted);
-          store(ex, e + c);
+          if (pb.want_grad) store(ex, e + c);
           s_sum.add(ex);
-          gap.add(load(zero, weights + c) * (V(acc_t(0)) - shifted));
+          u_gap.add(load(zero, u + c) * (V(acc_t(0)) - shifted));
         });
         const acc_t sum_s = s_sum.total();
         const acc_t log_sum_s = ofa_log(sum_s);
-        loss_rows[k * pb.B + b] = row_loss(weight_sum, gap.total(), log_sum_s);
+        const acc_t gap_target = x_max - s[y] * inv_t;
+        const acc_t gap = tr.norm * (u_gap.total() - tr.u_target * gap_target) + tr.w_target * gap_target;
+        loss_rows[k * pb.B + b] = row_loss(tr.weight_sum, gap, log_sum_s);
         if (!pb.want_grad) continue;
 
         const acc_t scale_over_t = grad_scale[k * scale_stride_k + b * scale_stride_b] * inv_t;
         const acc_t inv_sum_s = acc_t(1) / sum_s;
         scalar_t* grad_row = grad_branches + (k * pb.B + b) * C;
-        acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row) : scratch.grad();
+        acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row) : scratch.row(Scratch::kGrad);
         for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
           using V = decltype(zero);
           auto q = load(zero, e + c) * V(inv_sum_s);
-          store(student_grad(V(weight_sum), q, load(zero, weights + c), V(scale_over_t)), g + c);
+          auto w = load(zero, u + c) * V(tr.norm);
+          store(student_grad(V(tr.weight_sum), q, w, V(scale_over_t)), g + c);
         });
+        g[y] = student_grad(tr.weight_sum, e[y] * inv_sum_s, tr.w_target, scale_over_t);
         if constexpr (!std::is_same_v<scalar_t, acc_t>) write_row(g, C, grad_row);
 
         if (pb.want_teacher_grad) {
-          // g_c = -eps * (p_c + m_c)^(eps - 1) * log_q_c; dt += scale/T * p (g - <p, g>).
-          acc_t* wg = scratch.weight_grad();
-          Sum<acc_t> p_dot_g;
-          const acc_t log_shift = x_max + log_sum_s;
+          // h_c = p_c * dl/dp_c = -eps * w_c * log_q_c off the target (never p ** (eps - 1), which
+          // overflows where p underflows), then dt += scale/T * (h - p * sum(h)).
+          acc_t* h = scratch.row(Scratch::kWeightGrad);
+          const acc_t log_p_shift = tr.z_max + tr.log_sum;
+          const acc_t log_q_shift = x_max + log_sum_s;
+          Sum<acc_t> h_sum;
           for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
             using V = decltype(zero);
-            auto log_q = load(zero, s + c) * V(inv_t) - V(log_shift);
-            auto gc = weight_grad(load(zero, log_p + c), V(eps), log_q);
-            store(gc, wg + c);
+            auto log_q = load(zero, s + c) * V(inv_t) - V(log_q_shift);
+            auto hc = class_weight_grad_times_p(load(zero, u + c) * V(tr.norm), V(eps), log_q);
+            store(hc, h + c);
+            h_sum.add(hc);
           });
-          wg[y] = weight_grad(ofa_log1p(p_target), eps, s[y] * inv_t - log_shift);
-          for_each_element<acc_t>(C, [&](auto zero, int64_t c) { p_dot_g.add(load(zero, p + c) * load(zero, wg + c)); });
-          const acc_t pg = p_dot_g.total();
-          acc_t* dt = scratch.teacher_grad();
+          const acc_t h_target =
+              tr.p_target * weight_grad(ofa_log1p(tr.p_target), eps, s[y] * inv_t - log_q_shift);
+          const acc_t sum_h = h_sum.total() - h[y] + h_target;
+          h[y] = h_target;
+          acc_t* dt = scratch.row(Scratch::kTeacherGrad);
           for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
             using V = decltype(zero);
-            auto contribution = teacher_grad(load(zero, p + c), load(zero, wg + c), V(pg), V(scale_over_t));
-            store(load(zero, dt + c) + contribution, dt + c);
+            auto p = ofa_exp(load(zero, t + c) * V(inv_t) - V(log_p_shift));
+            store(load(zero, dt + c) + teacher_grad_from_products(load(zero, h + c), p, V(sum_h), V(scale_over_t)),
+                  dt + c);
           });
         }
       }
-      if (pb.want_teacher_grad) write_row(scratch.teacher_grad(), C, grad_teacher + b * C);
+      if (pb.want_teacher_grad) write_row(scratch.row(Scratch::kTeacherGrad), C, grad_teacher + b * C);
     }
   });
 }
