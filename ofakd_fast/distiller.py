@@ -162,6 +162,7 @@ class OFADistiller(BaseDistiller):
         input_size: [C, H, W] of one probe pass at construction that reads the form and shape of the
             student's features; defaults to :func:`model_input_size`. It fixes the patch merging
             of token projectors, so pass the training resolution for token students.
+        backend: the OFA loss backend ('auto', 'cpu', 'cuda', 'triton', 'reference').
 
     The projector's form follows the form of the student's final features: a token sequence
     [B, N, C] (ViT, MLP-Mixer) gets a :class:`TokenProjector` (prefix tokens are passed along),
@@ -175,7 +176,7 @@ class OFADistiller(BaseDistiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, stages: Sequence[int] = (1, 2, 3, 4),
                  eps: Union[float, Sequence[float]] = 1.0, temperature: float = 1.0,
-                 input_size: Optional[Sequence[int]] = None, **kwargs):
+                 input_size: Optional[Sequence[int]] = None, backend: str = "auto", **kwargs):
         missing = [attr for attr in ("forward_intermediates", "forward_head", "feature_info")
                    if not hasattr(student, attr)]
         if missing:
@@ -191,6 +192,7 @@ class OFADistiller(BaseDistiller):
             raise ValueError(f"eps: expected one value or {num_branches} (one per stage {self.stages} plus one "
                              f"for the final logits), got {len(self.eps)}")
         self.temperature = float(temperature)
+        self.backend = backend
 
         indices = stage_indices(student, self.stages)
         self._levels = sorted(set(indices))  # a shallow ViT may map two stages to one block
@@ -241,8 +243,12 @@ class OFADistiller(BaseDistiller):
         final, features = self._student_features(images)
         logits = self.student.forward_head(final)
         branches = [projector(f) for projector, f in zip(self.projectors.values(), features)] + [logits]
-        branch_losses = ofa_loss_multi(branches, logits_teacher, labels, self.eps, self.temperature)
         weights = self.loss_weights
+        # grad_weights: how total_loss() will weight each branch, so the CPU kernel's gradients
+        # from the forward pass are the final ones.
+        branch_losses = ofa_loss_multi(branches, logits_teacher, labels, self.eps, self.temperature,
+                                       backend=self.backend,
+                                       grad_weights=[weights["ofa"]] * len(self.projectors) + [weights["kd"]])
         losses = {"loss_gt": weights["gt"] * self.gt_loss(logits, labels),
                   "loss_kd": weights["kd"] * branch_losses[-1],
                   "loss_ofa": weights["ofa"] * branch_losses[:-1].sum()}

@@ -245,6 +245,9 @@ def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, red
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     branches, teacher, target, eps_values, temperature = _check_inputs(
         branch_logits, logits_teacher, target, eps, temperature)
+    if expected_upstream is not None and len(expected_upstream) != len(eps_values):
+        raise ValueError(f"grad_weights: expected {len(eps_values)} values (one per branch), "
+                         f"got {len(expected_upstream)}")
     name = resolve_backend(backend, teacher.device)
     if name == "reference":
         split = [b for entry in branches for b in (entry.unbind(0) if entry.dim() == 3 else [entry])]
@@ -267,7 +270,7 @@ def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, red
 
 def ofa_loss_multi(branch_logits: Union[Tensor, Sequence[Tensor]], logits_teacher: Tensor, target: Tensor,
                    eps: Union[float, Sequence[float]], temperature: float = 1.0, reduction: str = "mean",
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", grad_weights: Optional[Sequence[float]] = None) -> Tensor:
     """OFA losses of K student branches against one teacher, all in one fused kernel call.
 
     Args:
@@ -278,8 +281,15 @@ def ofa_loss_multi(branch_logits: Union[Tensor, Sequence[Tensor]], logits_teache
         temperature: T > 0.
         reduction: 'mean' or 'sum' over rows gives [K]; 'none' gives [K, B].
         backend: 'auto', 'cpu', 'cuda', 'triton' or 'reference' (see ``available_backends()``).
+        grad_weights: optional, one float per branch: the weight the caller gives each loss in the
+            training objective (default: all 1, as in ``losses.sum()``). A hint, not a weighting:
+            the losses are returned unweighted. On CPU the gradients are computed in the forward
+            pass for this upstream gradient; any other upstream is still exact (recomputed).
     """
-    return _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend, None)
+    if grad_weights is not None:
+        grad_weights = [float(w) for w in grad_weights]
+    return _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
+                           grad_weights)
 
 
 def ofa_loss(logits_student: Tensor, logits_teacher: Tensor, target_mask: Tensor, eps: float,

@@ -245,3 +245,19 @@ def test_compile_fullgraph_matches_eager():
     compiled_grads = torch.autograd.grad(compiled_loss, params)
     for g_compiled, g_eager in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize("used_weights", [[0.1, 0.1, 1.0], [2.0, 0.5, 1.0]])
+def test_grad_weights_hint_keeps_gradients_exact(backend, used_weights):
+    """The hint [0.1, 0.1, 1] is right in one case and wrong in the other: both give exact gradients."""
+    students, teacher, target = make_case(5, 40, 3)
+    losses = ofa_loss_multi(students, teacher, target, 1.3, backend=backend, grad_weights=[0.1, 0.1, 1.0])
+    ref_students = [s.detach().double().requires_grad_() for s in students]
+    ref = ofa_loss_multi_reference(ref_students, teacher.double(), target, 1.3)
+    weights = torch.tensor(used_weights)
+    got = grads_of(losses, students, weights)
+    want = grads_of(ref, ref_students, weights.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="grad_weights: expected 3 values"):
+        ofa_loss_multi(students, teacher, target, 1.3, backend=backend, grad_weights=[1.0])
