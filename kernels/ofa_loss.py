@@ -1,0 +1,560 @@
+"""Fused multi-branch OFA loss in Triton: K student branches against one teacher, forward and gradients.
+
+Contract: the same as the C++ CPU op ``torch.ops.ofakd_fast_C.fused_forward`` (see
+``shared/docs/ofa-loss.md`` for the math). :func:`ofa_fused_forward_triton` returns the per-row
+losses ``[K, B]`` and, when ``grad_scale`` is given, the student gradients ``[K, B, C]`` already
+multiplied by ``grad_scale[k, b]`` and optionally the teacher gradient ``[B, C]``.
+
+Layout (as in Liger-Kernel's ops): constants, the ``@triton.jit`` helpers and the one kernel, then
+the plain-Python launcher and :func:`triton_unavailable_reason`.
+
+Design
+------
+* **One program per batch row.** It reads the teacher row once for all of its branches and
+  handles every branch of the launch as one 2-D tile ``[BRANCH_ROWS, BLOCK]`` (row k of the tile is
+  branch k), so per-branch statistics are small ``[BRANCH_ROWS]`` vectors, the teacher gradient is a
+  sum over the tile's rows, and all K + 1 logit rows are in flight together.
+* **Branch logits are read in place.** Triton has no arrays of pointer arguments, so the kernel
+  takes ``MAX_BRANCHES_PER_LAUNCH`` (8) pointer/row-stride argument pairs and a constexpr branch
+  count, and builds the tile's row pointers with a chain of selects; unused slots get the teacher
+  pointer and stride 0 and are never read. Compared with the alternatives: a table of addresses
+  cast to pointers (grouped-GEMM style) costs a device copy of the table per call, and a
+  ``torch.stack`` of the branches costs a full extra read and write of K B C logits. Stacked
+  ``[k, B, C]`` entries are split into k views; any row stride works. More than 8 branches are
+  handled by launching once per group of 8: the teacher row is then read once per group and the
+  teacher gradient accumulated across the launches (in an fp32/fp64 workspace for 16-bit inputs).
+  OFA uses K = 4 to 6, so the usual call is one launch. ``BRANCH_ROWS`` is the next power of two
+  >= the branch count (Triton tiles are powers of two); padding rows are masked (no memory
+  traffic) and their results discarded.
+* **Vector loads and stores.** A select of pointers loses their alignment, and a row stride or C
+  that is not a multiple of 16 (C = 1000) hides it too; a masked load ``cols < C`` with such a C is
+  never vectorized. The launcher therefore computes ``VEC`` (constexpr, :func:`vector_width`): the
+  largest power of two <= 16 bytes / element size dividing C and every row start; the kernel puts
+  ``tl.multiple_of`` hints on the row pointers and writes the column mask as
+  ``(cols // VEC) * VEC < C`` (exact since VEC divides C). C = 1000 then gets 16-byte accesses in
+  fp32 and bf16 (checked in the PTX); C = 21841 (odd) gets scalar, still coalesced, accesses.
+* **Per-branch eps and 1/T are data**, loaded from a small device tensor ``[eps_0 .. eps_{K-1},
+  1/T]`` in the math dtype (Triton passes Python floats as fp32, which would round them for fp64
+  inputs): no recompilation per value. A runtime (not constexpr) test ``all eps == 1`` reuses the
+  teacher probabilities as weights instead of computing ``exp(eps * log_p)`` per branch.
+* **SINGLE_BLOCK** (constexpr): when ``C <= BLOCK`` the whole row is one tile held in registers:
+  the logits are read once, the statistics come from one sweep and the gradients reuse its
+  exponentials (q = e_s / d_s, w = u * exp(-eps * log d_t), p = e_t / d_t): no exp is computed twice.
+  Otherwise a first loop over column blocks gathers every statistic online (running maxima,
+  rescaled sums; the weighted gap ``sum_c w_c (max_x - x_c)`` is rebased on each max change so all
+  its terms stay non-negative) and, when gradients are wanted, a second loop recomputes the
+  exponentials and writes the gradients. ``WANT_GRAD`` / ``TEACHER_GRAD`` / ``TEACHER_ACCUMULATE``
+  are constexpr flags of the same kernel, not copies of it.
+* **Numerics**: float32 math (float64 for float64 inputs), loads cast before any arithmetic,
+  gradients stored in the input dtype. Everything is in the log domain: ``w_c = exp(eps * log_p_c)``,
+  ``w_y = expm1(eps * log1p(p_y))`` (accurate log1p/expm1 from log/exp by the Goldberg/Kahan
+  ratio trick, since libdevice calls are unavailable in the interpreter), and the row loss
+  ``l = sum_{c != y} w_c (max_x - x_c) + S_nt log(sum_c exp(x_c - max_x)) + w_y (-log q_y)`` has no
+  cancelling terms. The teacher gradient uses ``p_c * dl/dp_c = -eps w_c log q_c`` (c != y), so no
+  ``p ** (eps - 1)`` (which overflows for eps < 1 where p underflows) is ever formed, and
+  ``sum_c p_c dl/dp_c = eps * l_nontarget + h_y`` comes from the loss statistics, not an extra pass.
+  Logits up to +-1e4 and eps up to 3 give finite results. An out-of-range target makes that row's
+  loss and gradients NaN instead of reading out of bounds (no host sync to check it on GPU).
+
+Block size and warps (Liger-style table, on the tile's element count ``BRANCH_ROWS * BLOCK``)
+----------------------------------------------------------------------------------------------
+``BLOCK = min(MAX_TILE_ELEMENTS // BRANCH_ROWS, next_pow2(C))`` with ``MAX_TILE_ELEMENTS = 8192``
+(4096 for float64 math); the launcher's ``max_block`` lowers the cap (tests run the column loop at
+small C with it). ``num_warps`` = 4 for tiles <= 2048 elements, 8 up to 4096, 16 up to 8192, 32
+beyond: at most 16 tile elements per thread, which is what keeps the kernel without spills
+(ptxas for sm_90a, K = 5: fp32/bf16/fp16 use <= 128 registers at 16 warps and spill nothing; a
+16384-element tile at 16 warps spilled, and at 8 warps the 8192-element tile needed 170 to 250
+registers). Examples with K = 5 (8 tile rows): C = 100 -> BLOCK 128, 4 warps, single block;
+C = 1000 -> BLOCK 1024, 16 warps, single block; C = 21841 -> BLOCK 1024, 16 warps, 22 column
+blocks per loop. K = 1: C = 21841 -> BLOCK 8192, 16 warps, 3 column blocks.
+"""
+import contextlib
+import os
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Optional[str] = None
+except ImportError as _exc:  # CPU-only PyTorch wheels ship without Triton: stay importable.
+    triton = SimpleNamespace(jit=lambda fn: fn)
+    tl = SimpleNamespace(constexpr=object)
+    _TRITON_IMPORT_ERROR = f"triton is not importable ({_exc})"
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------
+MAX_BRANCHES_PER_LAUNCH = 8  # pointer/stride argument pairs of the kernel
+MAX_TILE_ELEMENTS = 8192  # BRANCH_ROWS * BLOCK per program with 4-byte math (half that with float64)
+# (largest tile in elements, num_warps): the first row whose bound the tile does not exceed.
+NUM_WARPS_TABLE = ((2048, 4), (4096, 8), (8192, 16), (float("inf"), 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _log1p_nonneg(p):
+    """log(1 + p) for p >= 0, accurate for tiny p (Goldberg: log(u) * p / (u - 1), u = fl(1 + p))."""
+    u = 1.0 + p
+    d = u - 1.0
+    exact = d == 0.0
+    return tl.where(exact, p, tl.log(u) * (p / tl.where(exact, 1.0, d)))
+
+
+@triton.jit
+def _expm1_nonneg(v):
+    """exp(v) - 1 for moderate v >= 0, accurate for tiny v (Kahan: (u - 1) * v / log(u), u = fl(exp v))."""
+    u = tl.exp(v)
+    d = u - 1.0
+    exact = d == 0.0
+    log_u = tl.log(u)
+    return tl.where(exact, v, d * (v / tl.where(exact, 1.0, log_u)))
+
+
+@triton.jit
+def _row_start(base_ptr, row_offset, VEC: tl.constexpr):
+    """base_ptr + row_offset, with the hint that it is a multiple of VEC elements (the launcher checks
+    it): row strides not divisible by 16 (C = 1000) otherwise hide the alignment and forbid vector
+    accesses. (The hint must sit on an op made here: Triton drops hints put on function arguments.)"""
+    ptr = base_ptr + row_offset
+    return tl.multiple_of(ptr, VEC * (ptr.dtype.element_ty.primitive_bitwidth // 8))
+
+
+@triton.jit
+def _column_mask(cols, C, VEC: tl.constexpr):
+    """cols < C, written so that Triton sees it constant over VEC-aligned groups (C % VEC == 0):
+    a plain `cols < C` with an unspecialized C forbids vector loads."""
+    return (cols // VEC) * VEC < C
+
+
+@triton.jit
+def _branch_row_pointers(row, kidx,
+                         s0_ptr, s0_stride, s1_ptr, s1_stride, s2_ptr, s2_stride, s3_ptr, s3_stride,
+                         s4_ptr, s4_stride, s5_ptr, s5_stride, s6_ptr, s6_stride, s7_ptr, s7_stride,
+                         NUM_BRANCHES: tl.constexpr, VEC: tl.constexpr):
+    """[BRANCH_ROWS] pointers to row `row` of each branch (padding rows point at branch 0), hinted
+    VEC-element aligned like _row_start (a select of pointers loses the alignment of its operands)."""
+    ptrs = _row_start(s0_ptr, row * s0_stride, VEC) + tl.zeros_like(kidx)
+    if NUM_BRANCHES > 1:
+        ptrs = tl.where(kidx == 1, s1_ptr + row * s1_stride, ptrs)
+    if NUM_BRANCHES > 2:
+        ptrs = tl.where(kidx == 2, s2_ptr + row * s2_stride, ptrs)
+    if NUM_BRANCHES > 3:
+        ptrs = tl.where(kidx == 3, s3_ptr + row * s3_stride, ptrs)
+    if NUM_BRANCHES > 4:
+        ptrs = tl.where(kidx == 4, s4_ptr + row * s4_stride, ptrs)
+    if NUM_BRANCHES > 5:
+        ptrs = tl.where(kidx == 5, s5_ptr + row * s5_stride, ptrs)
+    if NUM_BRANCHES > 6:
+        ptrs = tl.where(kidx == 6, s6_ptr + row * s6_stride, ptrs)
+    if NUM_BRANCHES > 7:
+        ptrs = tl.where(kidx == 7, s7_ptr + row * s7_stride, ptrs)
+    if NUM_BRANCHES > 1:
+        ptrs = tl.multiple_of(ptrs, VEC * (ptrs.dtype.element_ty.primitive_bitwidth // 8))
+    return ptrs
+
+
+@triton.jit
+def _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC: tl.constexpr):
+    """Teacher z = t / T [BLOCK] and students x = s / T [BRANCH_ROWS, BLOCK]; 0 where masked."""
+    z = tl.load(teacher_row_ptr + cols, mask=col_ok, other=0.0).to(ACC) * inv_t
+    x = tl.load(branch_row_ptrs[:, None] + cols[None, :], mask=branch_ok[:, None] & col_ok[None, :],
+                other=0.0).to(ACC) * inv_t
+    return z, x
+
+
+@triton.jit
+def _online_update(z, x, col_ok, off_target, eps, all_eps_one, m_t, d_t, m_s, d_s, a_w, g_w):
+    """Folds one column block into the running row statistics.
+
+    Teacher: m_t = max z, d_t = sum exp(z - m_t). Students (per branch): m_s = max x,
+    d_s = sum exp(x - m_s). Weights relative to the running teacher max, off the target:
+    a_w = sum u_c, g_w = sum u_c (m_s - x_c) with u_c = exp(eps (z_c - m_t)) = w_c * exp(eps log d_t).
+    Returns the new statistics and this block's exponentials e_t, e_s, u (relative to the new maxima).
+    """
+    z_m = tl.where(col_ok, z, float("-inf"))
+    m_t_new = tl.maximum(m_t, tl.max(z_m, axis=0))
+    e_t = tl.exp(z_m - m_t_new)
+    d_t_new = d_t * tl.exp(m_t - m_t_new) + tl.sum(e_t, axis=0)
+
+    x_m = tl.where(col_ok[None, :], x, float("-inf"))
+    m_s_new = tl.maximum(m_s, tl.max(x_m, axis=1))
+    e_s = tl.exp(x_m - m_s_new[:, None])
+    d_s_new = d_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=1)
+
+    if all_eps_one:
+        u = e_t[None, :] + tl.zeros_like(x)
+        rebase = tl.exp(m_t - m_t_new) + tl.zeros_like(eps)
+    else:
+        u = tl.exp(eps[:, None] * (z_m[None, :] - m_t_new))
+        rebase = tl.exp(eps * (m_t - m_t_new))
+    u = tl.where(off_target[None, :], u, 0.0)
+    # Rebase the gap on the new student max (adds a_w * (m_s_new - m_s) >= 0), then on the new teacher max.
+    gap_shift = a_w * tl.where(a_w > 0.0, m_s_new - m_s, 0.0)
+    g_w_new = (g_w + gap_shift) * rebase + tl.sum(u * (m_s_new[:, None] - x), axis=1)
+    a_w_new = a_w * rebase + tl.sum(u, axis=1)
+    return m_t_new, d_t_new, m_s_new, d_s_new, a_w_new, g_w_new, e_t, e_s, u
+
+
+@triton.jit
+def _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, is_target, x, q, w_nt, p,
+                     m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum, TEACHER_GRAD: tl.constexpr):
+    """Stores this block of the student gradients; returns the block's teacher gradient (or p)."""
+    w = tl.where(is_target[None, :], w_y[:, None], w_nt)
+    g = (weight_sum[:, None] * q - w) * scale[:, None]
+    tl.store(grad_row_ptrs[:, None] + cols[None, :], g.to(grad_row_ptrs.dtype.element_ty),
+             mask=branch_ok[:, None] & col_ok[None, :])
+    dt = p
+    if TEACHER_GRAD:
+        # h_c = p_c dl/dp_c = -eps w_c log q_c off the target; dl/dt_c = (h_c - p_c sum_j h_j) / T.
+        log_q = (x - m_s[:, None]) - log_d_s[:, None]  # shift first: exact near the max
+        h = tl.where(is_target[None, :], h_y[:, None], -eps[:, None] * w_nt * log_q)
+        dt = tl.sum(scale[:, None] * (h - p[None, :] * h_sum[:, None]), axis=0)
+    return dt
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _ofa_fused_kernel(
+    s0_ptr, s0_stride, s1_ptr, s1_stride, s2_ptr, s2_stride, s3_ptr, s3_stride,
+    s4_ptr, s4_stride, s5_ptr, s5_stride, s6_ptr, s6_stride, s7_ptr, s7_stride,
+    teacher_ptr, teacher_stride,
+    target_ptr,
+    eps_ptr,  # [NUM_BRANCHES] math dtype
+    inv_t_ptr,  # [1] math dtype
+    scale_ptr, scale_stride_k, scale_stride_b,  # grad_scale [NUM_BRANCHES, B] (any strides), math dtype
+    loss_ptr,  # [NUM_BRANCHES, B] math dtype
+    grad_ptr,  # [NUM_BRANCHES, B, C] contiguous, input dtype
+    teacher_grad_ptr,  # [B, C] contiguous, input dtype (or math dtype when accumulating)
+    B, C,
+    NUM_BRANCHES: tl.constexpr,
+    BRANCH_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    TEACHER_ACCUMULATE: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """One program per batch row: losses (and gradients) of all NUM_BRANCHES branches of that row.
+
+    Bytes one call must move: read (K + 1) B C logits, write K B C gradients (4 bytes each in fp32,
+    2 in bf16); the [K, B] losses and per-row scalars are negligible.
+      256 x 1000 x 5:  fp32 6.14 MB read + 5.12 MB written = 11.26 MB -> 3.75 us at 3 TB/s;
+                       bf16 5.63 MB -> 1.88 us. SINGLE_BLOCK moves exactly this (one read, one write).
+      256 x 21841 x 5: fp32 134.2 MB read + 111.8 MB written = 246.0 MB -> 82.0 us at 3 TB/s;
+                       bf16 123.0 MB -> 41.0 us. The column loop reads the logits a second time for
+                       the gradients (the K + 1 rows of one batch row are 524 KB in fp32, too much to
+                       keep on chip), so it moves up to 380.2 MB -> 126.7 us in fp32 (bf16 63.4 us),
+                       less when that second read hits L2.
+    A teacher gradient adds B C written (22.4 MB fp32 at 256 x 21841). Exponentials per column:
+    1 + K (+ K when some eps != 1) per pass; the loop makes two passes when gradients are wanted.
+    """
+    ACC = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+    row = tl.program_id(0).to(tl.int64)
+    kidx = tl.arange(0, BRANCH_ROWS)
+    branch_ok = kidx < NUM_BRANCHES
+
+    inv_t = tl.load(inv_t_ptr)
+    eps = tl.load(eps_ptr + kidx, mask=branch_ok, other=1.0)
+    all_eps_one = tl.max(tl.abs(eps - 1.0), axis=0) == 0.0
+
+    y = tl.load(target_ptr + row)
+    target_ok = (y >= 0) & (y < C)
+    y = tl.where(target_ok, y, 0)
+
+    teacher_row_ptr = _row_start(teacher_ptr, row * teacher_stride, VEC)
+    branch_row_ptrs = _branch_row_pointers(row, kidx, s0_ptr, s0_stride, s1_ptr, s1_stride, s2_ptr, s2_stride,
+                                           s3_ptr, s3_stride, s4_ptr, s4_stride, s5_ptr, s5_stride,
+                                           s6_ptr, s6_stride, s7_ptr, s7_stride, NUM_BRANCHES, VEC)
+    z_y = tl.load(teacher_row_ptr + y).to(ACC) * inv_t
+    x_y = tl.load(branch_row_ptrs + y, mask=branch_ok, other=0.0).to(ACC) * inv_t
+
+    # Running statistics (see _online_update).
+    zero_k = tl.zeros([BRANCH_ROWS], dtype=ACC)
+    m_t = tl.max(zero_k, axis=0) + float("-inf")
+    d_t = tl.sum(zero_k, axis=0)
+    m_s = zero_k + float("-inf")
+    d_s = zero_k
+    a_w = zero_k
+    g_w = zero_k
+
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        col_ok = _column_mask(cols, C, VEC)
+        off_target = col_ok & (cols != y)
+        z, x = _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC)
+        m_t, d_t, m_s, d_s, a_w, g_w, e_t, e_s, u = _online_update(z, x, col_ok, off_target, eps, all_eps_one,
+                                                                   m_t, d_t, m_s, d_s, a_w, g_w)
+    else:
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            col_ok = _column_mask(cols, C, VEC)
+            off_target = col_ok & (cols != y)
+            z, x = _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC)
+            m_t, d_t, m_s, d_s, a_w, g_w, e_t, e_s, u = _online_update(z, x, col_ok, off_target, eps, all_eps_one,
+                                                                       m_t, d_t, m_s, d_s, a_w, g_w)
+
+    # Row statistics -> per-branch loss. w_c = u_c * weight_norm; S_nt, gap_nt: sums over c != y.
+    log_d_t = tl.log(d_t)
+    log_d_s = tl.log(d_s)
+    weight_norm = tl.exp(-eps * log_d_t)
+    s_nt = a_w * weight_norm
+    loss_nt = g_w * weight_norm + s_nt * log_d_s  # -sum_{c != y} w_c log q_c >= 0
+    p_y = tl.exp((z_y - m_t) - log_d_t)
+    w_y = _expm1_nonneg(eps * _log1p_nonneg(p_y))
+    nlq_y = (m_s - x_y) + log_d_s  # -log q_y >= 0
+    loss = loss_nt + w_y * nlq_y
+    loss = tl.where(target_ok, loss, float("nan"))
+    tl.store(loss_ptr + kidx * B + row, loss, mask=branch_ok)
+
+    if WANT_GRAD:
+        scale = tl.load(scale_ptr + kidx * scale_stride_k + row * scale_stride_b, mask=branch_ok, other=0.0)
+        scale = tl.where(target_ok, scale.to(ACC) * inv_t, float("nan"))
+        weight_sum = s_nt + w_y
+        # h_y = p_y dl/dp_y = eps p_y (1 + p_y)^(eps - 1) (-log q_y), with (1 + p_y)^eps = 1 + w_y.
+        h_y = eps * p_y * ((1.0 + w_y) / (1.0 + p_y)) * nlq_y
+        h_sum = eps * loss_nt + h_y
+        grad_row_ptrs = _row_start(grad_ptr, (kidx * B + row) * C, VEC)
+        teacher_grad_row_ptr = _row_start(teacher_grad_ptr, row * C, VEC)
+        if SINGLE_BLOCK:
+            p = e_t * (1.0 / d_t)
+            q = e_s * (1.0 / d_s)[:, None]
+            w_nt = u * weight_norm[:, None]
+            dt = _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, cols == y, x, q, w_nt, p,
+                                  m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum, TEACHER_GRAD)
+            if TEACHER_GRAD:
+                if TEACHER_ACCUMULATE:
+                    dt += tl.load(teacher_grad_row_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+                tl.store(teacher_grad_row_ptr + cols, dt.to(teacher_grad_ptr.dtype.element_ty), mask=col_ok)
+        else:
+            for start in range(0, C, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                col_ok = _column_mask(cols, C, VEC)
+                off_target = col_ok & (cols != y)
+                z, x = _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC)
+                # Masked columns are -inf here (exp -> 0). Subtract the max before log d: z - m_t is
+                # exact near the max, z - lse_t would round.
+                log_p = (tl.where(col_ok, z, float("-inf")) - m_t) - log_d_t
+                p = tl.exp(log_p)
+                q = tl.exp((tl.where(col_ok[None, :], x, float("-inf")) - m_s[:, None]) - log_d_s[:, None])
+                if all_eps_one:
+                    w = p[None, :] + tl.zeros_like(x)
+                else:
+                    w = tl.exp(eps[:, None] * log_p[None, :])
+                w_nt = tl.where(off_target[None, :], w, 0.0)
+                dt = _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, cols == y, x, q, w_nt, p,
+                                      m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum, TEACHER_GRAD)
+                if TEACHER_GRAD:
+                    if TEACHER_ACCUMULATE:
+                        dt += tl.load(teacher_grad_row_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+                    tl.store(teacher_grad_row_ptr + cols, dt.to(teacher_grad_ptr.dtype.element_ty), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def _next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def launch_config(C: int, num_branches: int, max_block: Optional[int] = None,
+                  math_bytes: int = 4) -> Tuple[int, int, int, bool]:
+    """(BRANCH_ROWS, BLOCK, num_warps, SINGLE_BLOCK) for C classes and one launch of num_branches branches."""
+    rows = _next_power_of_2(num_branches)
+    cap = max(1, MAX_TILE_ELEMENTS * 4 // math_bytes // rows)
+    if max_block is not None:
+        cap = min(cap, 1 << (max(1, int(max_block)).bit_length() - 1))  # largest power of two <= max_block
+    block = min(cap, _next_power_of_2(max(C, 1)))
+    num_warps = next(w for most, w in NUM_WARPS_TABLE if rows * block <= most)
+    return rows, block, num_warps, C <= block
+
+
+def vector_width(matrices: Sequence[Tensor], C: int) -> int:
+    """VEC: the largest power of two <= 16 bytes / element size such that C and every row start of
+    every matrix ([rows, C] views, stride(-1) == 1) are multiples of VEC elements (and VEC x element
+    size bytes). Rows of length C = 1000 give 4 (fp32) / 8 (bf16): 16-byte accesses; C = 21841 gives 1."""
+    vec = 16 // matrices[0].element_size()
+    for m in matrices:
+        size = m.element_size()
+        while vec > 1 and (C % vec or m.data_ptr() % (vec * size) or (m.size(0) > 1 and m.stride(0) % vec)):
+            vec //= 2
+    return vec
+
+
+_PARAMS_CACHE: Dict[tuple, Tensor] = {}
+_PARAMS_CACHE_SIZE = 64
+
+
+def _device_params(eps: Tensor, temperature: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[eps_0 .. eps_{K-1}, 1/T] in the math dtype on `device`: kernel data, not compile-time constants.
+
+    eps is a CPU tensor, so reading its values costs no GPU sync. The device copies are cached by
+    value (eps and T are hyperparameters: after the first step a call copies nothing), and a new copy
+    goes through pinned memory with non_blocking=True, since a plain pageable .to('cuda') makes
+    PyTorch synchronize the stream on every loss call.
+    """
+    values = tuple(float(e) for e in eps.detach().reshape(-1).tolist()) + (1.0 / float(temperature),)
+    key = (device, dtype, values)
+    params = _PARAMS_CACHE.get(key)
+    if params is None:
+        host = torch.tensor(values, dtype=torch.float64).to(dtype)
+        if device.type == "cuda":
+            params = host.pin_memory().to(device, non_blocking=True)
+        else:
+            params = host.to(device)
+        if len(_PARAMS_CACHE) >= _PARAMS_CACHE_SIZE:
+            _PARAMS_CACHE.pop(next(iter(_PARAMS_CACHE)))
+        _PARAMS_CACHE[key] = params
+    return params
+
+
+def _branch_matrices(branches: Sequence[Tensor]) -> List[Tensor]:
+    matrices: List[Tensor] = []
+    for entry in branches:
+        if entry.dim() == 3:
+            matrices.extend(entry.unbind(0))
+        else:
+            matrices.append(entry)
+    return matrices
+
+
+def ofa_fused_forward_triton(branches: Sequence[Tensor], teacher: Tensor, target: Tensor, eps: Tensor,
+                             temperature: float, grad_scale: Optional[Tensor], teacher_grad: bool,
+                             *, max_block: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row OFA losses of K branches and, optionally, their gradients, in one kernel launch.
+
+    branches: tensors [B, C] or [k_i, B, C] (K branches in all, rows contiguous, any row stride), same
+    dtype as teacher (float32/float64/bfloat16/float16). teacher [B, C]; target int64 [B] in [0, C);
+    eps float64 CPU [K]; temperature > 0. grad_scale: None (no gradients) or broadcastable to [K, B].
+    Returns loss_rows [K, B] (float32, float64 for float64 inputs), grad_branches [K, B, C]
+    (grad_scale[k, b] * dl_kb/ds, input dtype) and grad_teacher [B, C] (sum_k grad_scale[k, b] *
+    dl_kb/dt, only when teacher_grad and grad_scale is given); gradients not computed are empty.
+    max_block caps the column block (tests use it to run the column loop at small C).
+    """
+    if _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"ofakd_fast: backend='triton' unavailable: {_TRITON_IMPORT_ERROR}")
+    matrices = _branch_matrices(branches)
+    K = len(matrices)
+    if K == 0:
+        raise ValueError("ofakd_fast: need at least one student branch")
+    if teacher.dim() != 2:
+        raise ValueError(f"ofakd_fast: teacher logits must be [B, C], got {tuple(teacher.shape)}")
+    B, C = teacher.shape
+    dtype, device = teacher.dtype, teacher.device
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"ofakd_fast: unsupported logits dtype {dtype}")
+    if C > 1 and teacher.stride(1) != 1:
+        raise ValueError("ofakd_fast: teacher rows must be contiguous (stride(-1) == 1)")
+    for i, m in enumerate(matrices):
+        if m.dtype != dtype or m.device != device:
+            raise TypeError(f"ofakd_fast: branch {i} is {m.dtype} on {m.device}, teacher is {dtype} on {device}")
+        if tuple(m.shape) != (B, C):
+            raise ValueError(f"ofakd_fast: branch {i} is {tuple(m.shape)}, expected [B, C] = {(B, C)}")
+        if C > 1 and m.stride(1) != 1:
+            raise ValueError(f"ofakd_fast: rows of branch {i} must be contiguous (stride(-1) == 1)")
+    if target.dtype != torch.int64 or target.numel() != B:
+        raise ValueError("ofakd_fast: target must be int64 [B]")
+    if eps.numel() != K:
+        raise ValueError(f"ofakd_fast: eps has {eps.numel()} values for {K} branches")
+    if not temperature > 0:
+        raise ValueError(f"ofakd_fast: temperature must be > 0, got {temperature}")
+    if device.type == "cpu" and B > 0 and C > 0:  # free here; on a GPU the kernel turns bad targets into NaN
+        if bool(((target < 0) | (target >= C)).any()):
+            raise ValueError(f"ofakd_fast: target outside [0, {C})")
+
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    want_grad = grad_scale is not None
+    want_teacher_grad = want_grad and bool(teacher_grad)
+    loss_rows = torch.empty((K, B), dtype=acc_dtype, device=device)
+    grad_branches = torch.empty((K, B, C) if want_grad else (0,), dtype=dtype, device=device)
+    grad_teacher = torch.empty((B, C) if want_teacher_grad else (0,), dtype=dtype, device=device)
+    if B == 0:
+        return loss_rows, grad_branches, grad_teacher
+    if C == 0:
+        raise ValueError("ofakd_fast: need at least one class")
+
+    params = _device_params(eps, temperature, device, acc_dtype)
+    if want_grad:
+        scale = grad_scale.detach().to(device=device, dtype=acc_dtype).expand(K, B)
+    else:
+        scale = loss_rows  # never read
+    target_c = target.to(device).contiguous()
+    teacher_work = grad_teacher
+    num_groups = -(-K // MAX_BRANCHES_PER_LAUNCH)
+    if want_teacher_grad and num_groups > 1 and dtype != acc_dtype:
+        teacher_work = torch.empty((B, C), dtype=acc_dtype, device=device)
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for group in range(num_groups):
+            k0 = group * MAX_BRANCHES_PER_LAUNCH
+            group_mats = matrices[k0:k0 + MAX_BRANCHES_PER_LAUNCH]
+            nb = len(group_mats)
+            rows, block, num_warps, single = launch_config(C, nb, max_block, loss_rows.element_size())
+            buffers = list(group_mats) + [teacher]
+            if want_grad:
+                buffers.append(grad_branches[k0])
+            if want_teacher_grad:
+                buffers.append(teacher_work)
+            vec = vector_width(buffers, C)
+            pointer_args = []
+            for slot in range(MAX_BRANCHES_PER_LAUNCH):
+                if slot < nb:
+                    pointer_args += [group_mats[slot], group_mats[slot].stride(0)]
+                else:
+                    pointer_args += [teacher, 0]
+            _ofa_fused_kernel[(B,)](
+                *pointer_args,
+                teacher, teacher.stride(0),
+                target_c,
+                params[k0:k0 + nb], params[K:],
+                scale[k0:k0 + nb], scale.stride(0) if want_grad else 0, scale.stride(1) if want_grad else 0,
+                loss_rows[k0:k0 + nb],
+                grad_branches[k0:k0 + nb] if want_grad else loss_rows,
+                teacher_work if want_teacher_grad else loss_rows,
+                B, C,
+                NUM_BRANCHES=nb, BRANCH_ROWS=rows, BLOCK=block, SINGLE_BLOCK=single,
+                WANT_GRAD=want_grad, TEACHER_GRAD=want_teacher_grad, TEACHER_ACCUMULATE=group > 0,
+                VEC=vec,
+                num_warps=num_warps,
+            )
+    if teacher_work is not grad_teacher:
+        grad_teacher.copy_(teacher_work)
+    return loss_rows, grad_branches, grad_teacher
+
+
+def _kernel_is_interpreted() -> bool:
+    return type(_ofa_fused_kernel).__name__ == "InterpretedFunction"
+
+
+def triton_unavailable_reason(device) -> Optional[str]:
+    """None when ofa_fused_forward_triton can run on tensors of `device`, else why it cannot."""
+    device = torch.device(device)
+    if _TRITON_IMPORT_ERROR is not None:
+        return f"backend='triton' needs Triton: {_TRITON_IMPORT_ERROR}"
+    if device.type == "cpu":
+        if _kernel_is_interpreted():
+            return None
+        hint = " (it is set now, but only after the kernels were defined)" if os.environ.get(
+            "TRITON_INTERPRET") == "1" else ""
+        return ("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+                " (before ofakd_fast.kernels.ofa_loss is imported)" + hint)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "backend='triton' on CUDA tensors needs a CUDA GPU, and torch.cuda.is_available() is False"
+        if _kernel_is_interpreted():
+            return None  # the interpreter copies CUDA tensors to the host: slow but correct
+        try:
+            triton.runtime.driver.active.get_current_target()
+        except Exception as exc:  # no usable Triton GPU backend/driver
+            return f"backend='triton': Triton has no usable GPU driver ({type(exc).__name__}: {exc})"
+        return None
+    return f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not on {device.type}"
