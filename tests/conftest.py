@@ -1,11 +1,13 @@
 """Shared test setup: Triton's interpreter for CPU tensors, and the backends that run here."""
 import os
 
-# Must be set before triton is imported anywhere, so the Triton backend runs on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton's interpreter runs the Triton backend on CPU tensors; it must be set
+# before triton is imported. With a GPU the Triton kernels are compiled and run on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ofakd_fast.backends import BACKENDS, backend_error  # noqa: E402
 
