@@ -267,3 +267,24 @@ def test_epoch_sampler_shards_and_resumes():
     assert list(later) == full[6:]
     evaluation = [list(EpochSampler(7, 2, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
     assert sorted(i for shard in evaluation for _, i in shard) == list(range(7))
+
+
+def test_cifar100_pickle_reader(tmp_path):
+    import pickle
+
+    from ofakd_fast.data import load_cifar100
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("test", 3)):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": list(range(n)),
+                 "coarse_labels": [0] * n}
+        with open(folder / split, "wb") as f:
+            pickle.dump(entry, f)
+    images, labels = load_cifar100(str(tmp_path), "train")
+    assert images.shape == (5, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3, 4]
+    raw = pickle.load(open(folder / "train", "rb"))["data"][1]
+    assert torch.equal(images[1, :, :, 0].flatten(), torch.from_numpy(raw[:1024]))  # the red plane comes first
+    with pytest.raises(FileNotFoundError, match="no CIFAR-100 python release found"):
+        load_cifar100(str(tmp_path / "elsewhere"), "test")
