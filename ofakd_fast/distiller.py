@@ -63,8 +63,10 @@ def stage_indices(model: nn.Module, stages: Sequence[int]) -> list:
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """The [C, H, W] a model is built for: its patch embedding's img_size if it has one, else timm's data config."""
+    """The [C, H, W] a model is built for: its patch embedding's img_size if it has one, else timm's data config;
+    the channels of its first convolution (timm's config says 3 for a model built with in_chans=1)."""
     channels, height, width = resolve_model_data_config(model)["input_size"]
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), channels)
     img_size = next((m.img_size for m in model.modules() if getattr(m, "img_size", None) is not None), None)
     if img_size is not None:
         height, width = to_2tuple(img_size)
