@@ -1,5 +1,12 @@
-"""Installs ofakd_fast, its Triton kernels as ofakd_fast.kernels, and the C++ CPU extension."""
+"""Installs ofakd_fast, its Triton kernels as ofakd_fast.kernels, the C++ CPU extension and, where
+nvcc and a CUDA build of PyTorch exist (a GPU is not needed), the CUDA extension.
+
+OFAKD_BUILD_CUDA=0 skips the CUDA extension, OFAKD_BUILD_CUDA=1 makes its absence an error.
+Toolkit, wheel headers and GPU architectures are found by ofakd_fast/_build.py (no variables to set).
+"""
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -15,11 +22,31 @@ def load_build_config():
     return module
 
 
+def relative(paths):
+    # Relative source paths: setuptools refuses absolute ones in an editable install.
+    return [str(Path(p).relative_to(ROOT)) for p in paths]
+
+
 build = load_build_config()
-# Relative source paths: setuptools refuses absolute ones in an editable install.
-sources = [str(Path(p).relative_to(ROOT)) for p in build.cpu_sources()]
-ext_modules = [CppExtension(build.CPU_EXTENSION, sources, extra_compile_args={"cxx": build.cxx_flags()},
-                            extra_link_args=build.link_flags())]
+ext_modules = [CppExtension(build.CPU_EXTENSION, relative(build.cpu_sources()),
+                            extra_compile_args={"cxx": build.cxx_flags()}, extra_link_args=build.link_flags())]
+
+build_cuda, reason = build.cuda_build_decision()
+# pip runs this file several times (metadata, then the build): say it once, when building.
+BUILDING = any(command in sys.argv for command in
+               ("build_ext", "build", "develop", "install", "bdist_wheel", "editable_wheel"))
+if build_cuda:
+    from torch.utils.cpp_extension import CUDAExtension
+
+    cuda_home = build.configure_cuda_build()
+    if BUILDING:
+        print(f"ofakd_fast: building the CUDA extension {build.CUDA_EXTENSION} ({reason}; "
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, CUDA_HOME={cuda_home})", file=sys.stderr)
+    ext_modules.append(CUDAExtension(build.CUDA_EXTENSION, relative(build.cuda_sources()),
+                                     extra_compile_args={"cxx": build.cuda_cxx_flags(), "nvcc": build.nvcc_flags()}))
+elif BUILDING:
+    print(f"ofakd_fast: NOT building the CUDA extension {build.CUDA_EXTENSION}: {reason}. "
+          "The 'cuda' backend will be unavailable (the Triton and CPU backends are unaffected).", file=sys.stderr)
 
 setup(
     name="ofakd_fast",

@@ -11,17 +11,18 @@ from typing import Callable, Optional
 
 import torch
 
-from ._extension import cpu_extension_error
+from ._extension import cpu_extension_error, cuda_extension_error
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _CUDA_OP = "ofakd_fast_C::fused_forward"
 
 
 def _cuda_kernel_error() -> Optional[str]:
-    if cpu_extension_error() is not None:
-        return "the compiled extension is not loaded: " + cpu_extension_error()
+    error = cuda_extension_error()
+    if error is not None:
+        return error
     if not torch._C._dispatch_has_kernel_for_dispatch_key(_CUDA_OP, "CUDA"):
-        return "the CUDA kernel was not built (needs nvcc and a CUDA build of torch at install time)"
+        return f"{_CUDA_OP} has no CUDA kernel although the CUDA extension was imported"
     return None
 
 

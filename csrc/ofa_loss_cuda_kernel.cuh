@@ -1,0 +1,117 @@
+// The CUDA kernel of the fused OFA loss: device memory accesses, block reductions and the
+// __global__ entry around the row program of ofa_loss_cuda_row.cuh. No ATen here, so the device
+// code can be compiled (and its register use inspected with -Xptxas -v) on its own.
+#pragma once
+
+#include <cstring>
+
+#include "ofa_loss_cuda_row.cuh"
+
+namespace ofakd {
+namespace cuda_kernel {
+
+// 16-byte and element accesses of global memory, with cache hints for the streaming passes.
+struct DeviceMemory {
+  template <typename T>
+  __device__ __forceinline__ Pack<T> load_pack(const T* ptr, bool last_use) const {
+    const uint4* src = reinterpret_cast<const uint4*>(ptr);
+    const uint4 bits = last_use ? __ldcs(src) : __ldg(src);
+    Pack<T> pack;
+    memcpy(&pack, &bits, sizeof(bits));
+    return pack;
+  }
+  template <typename T>
+  __device__ __forceinline__ T load_one(const T* ptr) const {
+    return *ptr;
+  }
+  template <typename T>
+  __device__ __forceinline__ void store_pack(T* ptr, const Pack<T>& pack) const {
+    uint4 bits;
+    memcpy(&bits, &pack, sizeof(bits));
+    __stcs(reinterpret_cast<uint4*>(ptr), bits);
+  }
+  template <typename T>
+  __device__ __forceinline__ void store_one(T* ptr, T value) const {
+    *ptr = value;
+  }
+};
+
+// The row group: the whole block (blockDim.x a multiple of 32, at most kMaxRowThreads).
+template <typename acc_t>
+struct BlockOps : DeviceMemory {
+  acc_t* max_scratch;  // [kMaxWarpsPerRow] in shared memory
+  Sums* sum_scratch;   // [kMaxWarpsPerRow] in shared memory
+
+  __device__ __forceinline__ int rank() const { return static_cast<int>(threadIdx.x); }
+  __device__ __forceinline__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+
+  // The block's maximum, in every thread. The next write of max_scratch (the next reduce_max) comes
+  // after a reduce_sum, whose barrier every thread reaches only after reading max_scratch here.
+  __device__ __forceinline__ acc_t reduce_max(acc_t value) const {
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const acc_t other = __shfl_xor_sync(0xffffffffu, value, offset);
+      value = other > value ? other : value;
+    }
+    const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+    if (warps == 1) return value;
+    if (threadIdx.x % kWarpSize == 0) max_scratch[threadIdx.x / kWarpSize] = value;
+    __syncthreads();
+    value = max_scratch[0];
+    for (int w = 1; w < warps; ++w) value = max_scratch[w] > value ? max_scratch[w] : value;
+    return value;
+  }
+
+  // The block's sums, in thread 0 (the others hold partial sums). The caller's sync() after it orders
+  // warp 0's reads of sum_scratch before the next reduce_sum's writes.
+  __device__ __forceinline__ Sums reduce_sum(Sums sums) const {
+    sums = warp_sum(sums);
+    const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+    if (warps == 1) return sums;
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize, warp = static_cast<int>(threadIdx.x) / kWarpSize;
+    if (lane == 0) sum_scratch[warp] = sums;
+    __syncthreads();
+    if (warp == 0) sums = warp_sum(lane < warps ? sum_scratch[lane] : Sums{0.0, 0.0, 0.0});
+    return sums;
+  }
+
+ private:
+  __device__ __forceinline__ static Sums warp_sum(Sums sums) {
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      sums.d += __shfl_down_sync(0xffffffffu, sums.d, offset);
+      sums.gap += __shfl_down_sync(0xffffffffu, sums.gap, offset);
+      sums.s += __shfl_down_sync(0xffffffffu, sums.s, offset);
+    }
+    return sums;
+  }
+};
+
+// Register budget: at least two 512-thread blocks per SM, i.e. <= 64 registers per thread (left
+// alone ptxas takes 93 .. 128 and halves the occupancy). 256-thread blocks (C = 1000) then fit 4 per
+// SM. ptxas (sm_80 / sm_90) reports no spill for float, 40 .. 170 bytes (local memory, L1-resident)
+// for bf16/half, most of it on the teacher-gradient path. float64, used for checking rather than
+// training, gets 128 registers (at 64 it spills ~0.5 KB on sm_90).
+template <typename scalar_t>
+struct MinBlocksPerSM {
+  static constexpr int value = sizeof(acc_of<scalar_t>) == 8 ? 1 : 2;
+};
+
+// One block per batch row; the row program is ofa_row (ofa_loss_cuda_row.cuh).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads, MinBlocksPerSM<scalar_t>::value) ofa_rows_kernel(const LaunchParams<scalar_t> P) {
+  using acc_t = acc_of<scalar_t>;
+  __shared__ RowShared<acc_t> shared_row;
+  __shared__ acc_t max_scratch[kMaxWarpsPerRow];
+  __shared__ Sums sum_scratch[kMaxWarpsPerRow];
+  // row_scratch_bytes(blockDim.x, sizeof(scalar_t)), given at launch (one untyped array for all dtypes).
+  extern __shared__ __align__(16) unsigned char row_scratch[];
+  BlockOps<acc_t> ops;
+  ops.max_scratch = max_scratch;
+  ops.sum_scratch = sum_scratch;
+  ofa_row<scalar_t>(ops, P, static_cast<int64_t>(blockIdx.x), shared_row, reinterpret_cast<acc_t*>(row_scratch));
+}
+
+}  // namespace cuda_kernel
+}  // namespace ofakd

@@ -1,0 +1,247 @@
+// Runs the CUDA kernel's row program (csrc/ofa_loss_cuda_row.cuh) on the host, so its indexing,
+// masking, reductions and math are tested on machines without a GPU.
+//
+// A row group of G GPU threads is emulated by G std::threads that share a barrier (for __syncthreads),
+// reduction scratch arrays (for the warp-shuffle + shared-memory reductions; sums are added here in
+// rank order instead of a tree, so results may differ from the GPU's in the last bits) and the row's
+// shared memory. Every memory access is checked: it must fall inside one of the buffers the caller
+// declared (read-only inputs, writable outputs), and a 16-byte access must be 16-byte aligned (as
+// the GPU requires). Violations are counted and returned; the test requires zero.
+//
+// Built by tests/cuda_checks.py with g++ as a plain shared library (c10's Half/BFloat16 headers only,
+// no libtorch) and called through ctypes; the branch launches are planned by the same
+// launch_branch_groups / plan_launch the CUDA host code uses.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "ofa_loss_cuda_row.cuh"
+
+namespace {
+
+using namespace ofakd::cuda_kernel;
+
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation != generation_; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int count_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+struct Region {
+  uintptr_t begin, end;
+  bool writable;
+};
+
+struct MemoryChecker {
+  std::vector<Region> regions;
+  std::atomic<int64_t> errors{0};
+  std::atomic<int64_t> vector_accesses{0};
+  std::atomic<int64_t> element_accesses{0};
+  // False (and counted) for an access outside the declared buffers or a misaligned 16-byte access;
+  // such an access is then not performed.
+  bool check(const void* ptr, size_t bytes, bool write, bool vector) {
+    (vector ? vector_accesses : element_accesses).fetch_add(1);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+    bool ok = !vector || p % 16 == 0;
+    bool inside = false;
+    for (const auto& r : regions) {
+      if (p >= r.begin && p + bytes <= r.end && (!write || r.writable)) {
+        inside = true;
+        break;
+      }
+    }
+    if (!ok || !inside) errors.fetch_add(1);
+    return ok && inside;
+  }
+};
+
+template <typename acc_t>
+struct GroupState {
+  explicit GroupState(int threads) : barrier(threads), max_scratch(threads), sum_scratch(threads) {}
+  Barrier barrier;
+  std::vector<acc_t> max_scratch;
+  std::vector<Sums> sum_scratch;
+};
+
+template <typename acc_t>
+struct HostOps {
+  GroupState<acc_t>* state;
+  MemoryChecker* memory;
+  int thread_rank;
+  int threads;
+
+  int rank() const { return thread_rank; }
+  int size() const { return threads; }
+  void sync() const { state->barrier.wait(); }
+  // Like BlockOps::reduce_max: the maximum in every thread (barriers around the shared scratch).
+  acc_t reduce_max(acc_t value) const {
+    state->max_scratch[thread_rank] = value;
+    sync();
+    for (int t = 0; t < threads; ++t) value = state->max_scratch[t] > value ? state->max_scratch[t] : value;
+    sync();
+    return value;
+  }
+  // Like BlockOps::reduce_sum: the sums at rank 0 (added in rank order, not in a tree).
+  Sums reduce_sum(Sums sums) const {
+    state->sum_scratch[thread_rank] = sums;
+    sync();
+    if (thread_rank == 0) {
+      sums = Sums{0.0, 0.0, 0.0};
+      for (int t = 0; t < threads; ++t) {
+        sums.d += state->sum_scratch[t].d;
+        sums.gap += state->sum_scratch[t].gap;
+        sums.s += state->sum_scratch[t].s;
+      }
+    }
+    sync();
+    return sums;
+  }
+  template <typename T>
+  Pack<T> load_pack(const T* ptr, bool) const {
+    Pack<T> pack;
+    std::memset(&pack, 0, sizeof(pack));
+    if (memory->check(ptr, 16, false, true)) std::memcpy(&pack, ptr, 16);
+    return pack;
+  }
+  template <typename T>
+  T load_one(const T* ptr) const {
+    return memory->check(ptr, sizeof(T), false, false) ? *ptr : T(0.0f);
+  }
+  template <typename T>
+  void store_pack(T* ptr, const Pack<T>& pack) const {
+    if (memory->check(ptr, 16, true, true)) std::memcpy(ptr, &pack, 16);
+  }
+  template <typename T>
+  void store_one(T* ptr, T value) const {
+    if (memory->check(ptr, sizeof(T), true, false)) *ptr = value;
+  }
+};
+
+// One launch: every row by one emulated group of `threads` threads, rows in sequence.
+template <typename scalar_t>
+void emulate_launch(const LaunchParams<scalar_t>& P, int threads, MemoryChecker& memory) {
+  using acc_t = acc_of<scalar_t>;
+  GroupState<acc_t> state(threads);
+  RowShared<acc_t> shared_row;
+  std::vector<acc_t> row_scratch(row_scratch_bytes(threads, sizeof(scalar_t)) / sizeof(acc_t));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      HostOps<acc_t> ops{&state, &memory, t, threads};
+      for (int64_t b = 0; b < P.B; ++b) {
+        ofa_row<scalar_t>(ops, P, b, shared_row, row_scratch.data());
+        ops.sync();  // one row at a time, like separate blocks
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
+}
+
+template <typename scalar_t>
+int64_t run(int K, const void* const* branches, const int64_t* branch_strides, const void* teacher,
+            int64_t teacher_stride, const int64_t* target, const double* eps, double temperature, const void* grad_scale,
+            int64_t scale_stride_k, int64_t scale_stride_b, int64_t B, int64_t C, void* loss_rows, void* grad_branches,
+            void* grad_teacher, void* teacher_workspace, int threads, const int64_t* regions, int num_regions,
+            int64_t* stats) {
+  using acc_t = acc_of<scalar_t>;
+  MemoryChecker memory;
+  for (int i = 0; i < num_regions; ++i) {
+    const auto begin = static_cast<uintptr_t>(regions[3 * i]);
+    memory.regions.push_back({begin, begin + static_cast<uintptr_t>(regions[3 * i + 1]), regions[3 * i + 2] != 0});
+  }
+  Problem<scalar_t> pb;
+  for (int k = 0; k < K; ++k) {
+    pb.branch.push_back(static_cast<const scalar_t*>(branches[k]));
+    pb.branch_stride.push_back(branch_strides[k]);
+    pb.eps.push_back(eps[k]);
+  }
+  pb.teacher = static_cast<const scalar_t*>(teacher);
+  pb.teacher_stride = teacher_stride;
+  pb.target = target;
+  pb.B = B;
+  pb.C = C;
+  pb.temperature = temperature;
+  pb.loss_rows = static_cast<acc_t*>(loss_rows);
+  pb.grad_scale = static_cast<const acc_t*>(grad_scale);
+  pb.scale_stride_k = scale_stride_k;
+  pb.scale_stride_b = scale_stride_b;
+  pb.grad_branches = static_cast<scalar_t*>(grad_branches);
+  pb.grad_teacher = static_cast<scalar_t*>(grad_teacher);
+  pb.teacher_workspace = static_cast<acc_t*>(teacher_workspace);
+  const LaunchShape shape = plan_launch(B, C, static_cast<int>(sizeof(scalar_t)), threads);
+  launch_branch_groups(pb, [&](const LaunchParams<scalar_t>& params) { emulate_launch(params, shape.threads, memory); });
+  stats[0] = memory.errors.load();
+  stats[1] = memory.vector_accesses.load();
+  stats[2] = memory.element_accesses.load();
+  return stats[0];
+}
+
+}  // namespace
+
+extern "C" {
+
+// The launch plan of the CUDA kernel: {threads per row, blocks, chunks, needs a teacher workspace};
+// threads > 0 forces the group size.
+void ofa_emulator_plan(int64_t K, int64_t B, int64_t C, int elem_size, int threads, int64_t* out) {
+  const LaunchShape shape = plan_launch(B, C, elem_size, threads);
+  out[0] = shape.threads;
+  out[1] = shape.blocks;
+  out[2] = shape.chunks;
+  out[3] = needs_teacher_workspace(K, shape) ? 1 : 0;
+}
+
+int ofa_emulator_max_branches_per_launch() { return kMaxBranchesPerLaunch; }
+
+// dtype: 0 float32, 1 float64, 2 bfloat16, 3 float16. threads: row group size (0: the CUDA plan's).
+// regions: num_regions triples (address, bytes, writable). Returns the number of bad memory accesses;
+// stats[0 .. 2]: bad accesses, 16-byte accesses, element accesses.
+int64_t ofa_emulator_run(int dtype, int K, const void* const* branches, const int64_t* branch_strides,
+                         const void* teacher, int64_t teacher_stride, const int64_t* target, const double* eps,
+                         double temperature, const void* grad_scale, int64_t scale_stride_k, int64_t scale_stride_b,
+                         int64_t B, int64_t C, void* loss_rows, void* grad_branches, void* grad_teacher,
+                         void* teacher_workspace, int threads, const int64_t* regions, int num_regions,
+                         int64_t* stats) {
+#define OFA_EMULATE(T)                                                                                           \
+  run<T>(K, branches, branch_strides, teacher, teacher_stride, target, eps, temperature, grad_scale, scale_stride_k, \
+         scale_stride_b, B, C, loss_rows, grad_branches, grad_teacher, teacher_workspace, threads, regions,        \
+         num_regions, stats)
+  switch (dtype) {
+    case 0:
+      return OFA_EMULATE(float);
+    case 1:
+      return OFA_EMULATE(double);
+    case 2:
+      return OFA_EMULATE(c10::BFloat16);
+    case 3:
+      return OFA_EMULATE(c10::Half);
+    default:
+      return -1;
+  }
+#undef OFA_EMULATE
+}
+
+}  // extern "C"
