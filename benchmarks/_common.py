@@ -202,23 +202,6 @@ def rounds_for(seconds: float, budget: float, lo: int = 3, hi: int = 50) -> int:
     return int(max(lo, min(hi, budget / max(seconds, 1e-6))))
 
 
-class CudaEventTimer:
-    """Wraps a step so every call is timed with CUDA events (synchronised); the times go to `self.ms`."""
-
-    def __init__(self, step: Callable):
-        self.step = step
-        self.ms: List[float] = []
-
-    def __call__(self):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = self.step()
-        end.record()
-        torch.cuda.synchronize()
-        self.ms.append(start.elapsed_time(end))
-        return out
-
-
 # ----------------------------------------------------------------------------- machine
 
 def cpu_model() -> str:
