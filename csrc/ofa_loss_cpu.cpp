@@ -212,24 +212,23 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
           // h_c = p_c * dl/dp_c = -eps * w_c * log_q_c off the target (never p ** (eps - 1), which
           // overflows where p underflows), then dt += scale/T * (h - p * sum(h)).
           acc_t* h = scratch.row(Scratch::kWeightGrad);
-          const acc_t log_p_shift = tr.z_max + tr.log_sum;
-          const acc_t log_q_shift = x_max + log_sum_s;
           Sum<acc_t> h_sum;
           for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
             using V = decltype(zero);
-            auto log_q = load(zero, s + c) * V(inv_t) - V(log_q_shift);
+            // (x - max) - log_sum: subtracting the rounded sum max + log_sum would cost ulps of the max.
+            auto log_q = (load(zero, s + c) * V(inv_t) - V(x_max)) - V(log_sum_s);
             auto hc = class_weight_grad_times_p(load(zero, u + c) * V(tr.norm), V(eps), log_q);
             store(hc, h + c);
             h_sum.add(hc);
           });
           const acc_t h_target =
-              tr.p_target * weight_grad(ofa_log1p(tr.p_target), eps, s[y] * inv_t - log_q_shift);
+              tr.p_target * weight_grad(ofa_log1p(tr.p_target), eps, (s[y] * inv_t - x_max) - log_sum_s);
           const acc_t sum_h = h_sum.total() - h[y] + h_target;
           h[y] = h_target;
           acc_t* dt = scratch.row(Scratch::kTeacherGrad);
           for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
             using V = decltype(zero);
-            auto p = ofa_exp(load(zero, t + c) * V(inv_t) - V(log_p_shift));
+            auto p = ofa_exp((load(zero, t + c) * V(inv_t) - V(tr.z_max)) - V(tr.log_sum));
             store(load(zero, dt + c) + teacher_grad_from_products(load(zero, h + c), p, V(sum_h), V(scale_over_t)),
                   dt + c);
           });

