@@ -139,10 +139,15 @@ class _EagerOFALoss(torch.autograd.Function):
                   teacher_grad)
         output = _ofa_loss_forward(*inputs)
         _setup_context(ctx, inputs, output)
+        # The gradient outputs get no gradient: without this autograd zero-fills a K x B x C
+        # tensor for them in every backward (150 of 170 ms at 256x21841x5, and 1x extra memory).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher):
+        if grad_loss is None:  # no gradient reached the losses (grads are not materialised)
+            return (None,) * (8 + len(ctx.branch_counts))
         grads, grad_teacher, *_ = _backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher)
         return (grad_teacher, None, None, None, None, None, None, None, *grads)
 
