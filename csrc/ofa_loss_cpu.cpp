@@ -27,6 +27,7 @@ inline at::vec::Vectorized<T> ofa_exp(const at::vec::Vectorized<T>& x) {
 }
 }  // namespace ofakd
 
+#include "branch_matrices.h"
 #include "ofa_row_math.h"
 #include "reusable_buffer.h"
 
@@ -237,19 +238,6 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
       if (pb.want_teacher_grad) write_row(scratch.row(Scratch::kTeacherGrad), C, grad_teacher + b * C);
     }
   });
-}
-
-// Every [B, C] branch of `branches` (each entry [B, C] or [k, B, C]), in order.
-std::vector<at::Tensor> branch_matrices(at::TensorList branches) {
-  std::vector<at::Tensor> rows;
-  for (const auto& entry : branches) {
-    if (entry.dim() == 3) {
-      for (int64_t i = 0; i < entry.size(0); ++i) rows.push_back(entry.select(0, i));
-    } else {
-      rows.push_back(entry);
-    }
-  }
-  return rows;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(at::TensorList branches, const at::Tensor& teacher,

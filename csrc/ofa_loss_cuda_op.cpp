@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "branch_matrices.h"
 #include "ofa_loss_cuda_row.cuh"
 
 namespace ofakd {
@@ -26,20 +27,6 @@ template <typename scalar_t>
 cudaError_t launch_rows(const LaunchParams<scalar_t>& params, const LaunchShape& shape, cudaStream_t stream);
 
 namespace {
-
-// Every [B, C] branch of `branches` (each entry [B, C] or [k, B, C]), in order.
-std::vector<at::Tensor> branch_matrices(at::TensorList branches) {
-  std::vector<at::Tensor> rows;
-  for (const auto& entry : branches) {
-    TORCH_CHECK(entry.dim() == 2 || entry.dim() == 3, "ofakd_fast: each branch entry must be [B, C] or [k, B, C]");
-    if (entry.dim() == 3) {
-      for (int64_t i = 0; i < entry.size(0); ++i) rows.push_back(entry.select(0, i));
-    } else {
-      rows.push_back(entry);
-    }
-  }
-  return rows;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(at::TensorList branches, const at::Tensor& teacher,
                                                                   const at::Tensor& target, const at::Tensor& eps,
