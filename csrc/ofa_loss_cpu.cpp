@@ -15,15 +15,61 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace ofakd {
-// exp_u20: an inlined polynomial (within 20 ulp for float32, exact exp for float64); the
-// Sleef exp behind Vectorized::exp is an out-of-line call that made the kernel exp-bound.
+// Vector exp of the kernel. Every argument it gets is <= 0 (logits minus their row max,
+// log-probabilities), so it needs no overflow handling. float: x = n ln2 + r with
+// n = round(x / ln2) and |r| <= ln2 / 2, the degree-5 minimax polynomial of exp on that
+// interval (within 2 ulp), and n added to the exponent bits: 9 vector operations, inlined,
+// against ~17 for Vectorized::exp_u20. One-step reduction: r is off by at most |n| * 2e-9,
+// a relative error that only values below exp(-40) ~ 4e-18 notice. Arguments below -87 give
+// exp(-87) ~ 1.6e-38 rather than subnormals (slow on x86); next to a row's largest term
+// exp(0) = 1 that changes no sum or gradient. float64 keeps the exact exp.
 template <typename T>
 inline at::vec::Vectorized<T> ofa_exp(const at::vec::Vectorized<T>& x) {
   return x.exp_u20();
+}
+
+// p * 2 ** n for the n held in the low mantissa bits of `rounded` (= x * log2(e) + 1.5 * 2 ** 23).
+inline at::vec::Vectorized<float> scale_by_power_of_two(const at::vec::Vectorized<float>& p,
+                                                        const at::vec::Vectorized<float>& rounded) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(rounded), 23)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(rounded), 23)));
+#else
+  constexpr int kWidth = at::vec::Vectorized<float>::size();
+  float p_values[kWidth], r_values[kWidth];
+  p.store(p_values);
+  rounded.store(r_values);
+  for (int i = 0; i < kWidth; ++i) {
+    uint32_t p_bits, r_bits;
+    std::memcpy(&p_bits, &p_values[i], 4);
+    std::memcpy(&r_bits, &r_values[i], 4);
+    p_bits += r_bits << 23;
+    std::memcpy(&p_values[i], &p_bits, 4);
+  }
+  return at::vec::Vectorized<float>::loadu(p_values);
+#endif
+}
+
+template <>
+inline at::vec::Vectorized<float> ofa_exp(const at::vec::Vectorized<float>& x_in) {
+  using V = at::vec::Vectorized<float>;
+  const V x = at::vec::clamp_min(x_in, V(-87.0f));  // keeps 2 ** n * exp(r) a normal float
+  const V magic(12582912.0f);                         // 1.5 * 2 ** 23
+  const V rounded = at::vec::fmadd(x, V(1.44269504088896341f), magic);
+  const V n = rounded - magic;                        // round(x / ln2)
+  const V r = at::vec::fmadd(n, V(-0.693147180559945309f), x);
+  V poly = at::vec::fmadd(V(8.2903131842613220e-3f), r, V(4.1897930204868317e-2f));
+  poly = at::vec::fmadd(poly, r, V(1.6667635738849640e-1f));
+  poly = at::vec::fmadd(poly, r, V(4.9999150633811951e-1f));
+  poly = at::vec::fmadd(poly, r, V(9.9999970197677612e-1f));
+  return scale_by_power_of_two(at::vec::fmadd(poly, r, V(1.0f)), rounded);
 }
 }  // namespace ofakd
 
@@ -55,31 +101,69 @@ inline void store(const Vectorized<acc_t>& value, acc_t* ptr) { value.store(ptr)
 template <typename acc_t>
 inline void store(acc_t value, acc_t* ptr) { *ptr = value; }
 
-// A sum or a max gathered from vectors and scalars alike.
-template <typename acc_t>
-struct Sum {
-  Vectorized<acc_t> vec{acc_t(0)};
-  acc_t scalar = 0;
-  void add(const Vectorized<acc_t>& v) { vec = vec + v; }
-  void add(acc_t v) { scalar += v; }
-  acc_t total() const {
-    return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, vec) +
-        scalar;
-  }
+struct AddOp {
+  template <typename T>
+  T operator()(const T& a, const T& b) const { return a + b; }
+  template <typename acc_t>
+  static constexpr acc_t identity() { return acc_t(0); }
 };
 
-template <typename acc_t>
-struct Max {
-  Vectorized<acc_t> vec{-std::numeric_limits<acc_t>::infinity()};
-  acc_t scalar = -std::numeric_limits<acc_t>::infinity();
-  void add(const Vectorized<acc_t>& v) { vec = at::vec::maximum(vec, v); }
-  void add(acc_t v) { scalar = std::max(scalar, v); }
-  acc_t total() const {
-    return std::max(scalar, at::vec::vec_reduce_all<acc_t>(
-                                [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); },
-                                vec));
+struct MaxOp {
+  template <typename acc_t>
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) const {
+    return at::vec::maximum(a, b);
   }
+  template <typename acc_t>
+  acc_t operator()(acc_t a, acc_t b) const { return std::max(a, b); }
+  template <typename acc_t>
+  static constexpr acc_t identity() { return -std::numeric_limits<acc_t>::infinity(); }
 };
+
+// Reduces with `op` each of the kN values body(T(0), c) returns (a std::array) over c in [0, n).
+// The accumulators are locals here, not captured by the body, so they stay in registers (a body
+// storing to a float row could otherwise alias them and force a memory round trip per vector),
+// and with kInterleave = 2 there are two per value, for even and odd vectors, so that cheap
+// bodies (the max pass) are not bound by the latency of one chain of adds. Bodies with an exp
+// take 1: there the exp dominates and more live registers spill.
+template <typename acc_t, size_t kN, int kInterleave, typename Op, typename Body>
+inline std::array<acc_t, kN> reduce_row(int64_t n, Op op, const Body& body) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kWidth = V::size();
+  std::array<V, kN> even, odd;
+  even.fill(V(Op::template identity<acc_t>()));
+  odd = even;
+  int64_t c = 0;
+  for (; kInterleave == 2 && c + 2 * kWidth <= n; c += 2 * kWidth) {
+    const std::array<V, kN> first = body(V(acc_t(0)), c), second = body(V(acc_t(0)), c + kWidth);
+    for (size_t i = 0; i < kN; ++i) {
+      even[i] = op(even[i], first[i]);
+      odd[i] = op(odd[i], second[i]);
+    }
+  }
+  for (; c + kWidth <= n; c += kWidth) {
+    const std::array<V, kN> value = body(V(acc_t(0)), c);
+    for (size_t i = 0; i < kN; ++i) even[i] = op(even[i], value[i]);
+  }
+  std::array<acc_t, kN> total;
+  for (size_t i = 0; i < kN; ++i) {
+    total[i] = at::vec::vec_reduce_all<acc_t>([op](V& x, V& y) { return op(x, y); }, op(even[i], odd[i]));
+  }
+  for (; c < n; ++c) {
+    const std::array<acc_t, kN> value = body(acc_t(0), c);
+    for (size_t i = 0; i < kN; ++i) total[i] = op(total[i], value[i]);
+  }
+  return total;
+}
+
+template <typename acc_t, typename Body>
+inline acc_t row_sum(int64_t n, const Body& body) {
+  return reduce_row<acc_t, 1, 1>(n, AddOp(), [&](auto zero, int64_t c) { return std::array{body(zero, c)}; })[0];
+}
+
+template <typename acc_t>
+inline acc_t row_max(int64_t n, const acc_t* row) {
+  return reduce_row<acc_t, 1, 2>(n, MaxOp(), [row](auto zero, int64_t c) { return std::array{load(zero, row + c)}; })[0];
+}
 
 // A row of the input in acc_t: the row itself for float/double, else a converted copy.
 template <typename scalar_t, typename acc_t>
@@ -140,71 +224,65 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
     Scratch scratch(C);
     acc_t* u = scratch.row(Scratch::kWeights);
     acc_t* e = scratch.row(Scratch::kExpShifted);
+    acc_t* dt = scratch.row(Scratch::kTeacherGrad);
 
     for (int64_t b = row_begin; b < row_end; ++b) {
       const int64_t y = target[b];
       // Teacher: z = t / T, its max and log-sum-exp; two passes, the row stays in L1/L2.
       const acc_t* t = row_as_acc(teacher + b * teacher_row_stride, C, scratch.row(Scratch::kTeacher));
       TeacherRow<acc_t> tr;
-      Max<acc_t> t_max;
-      for_each_element<acc_t>(C, [&](auto zero, int64_t c) { t_max.add(load(zero, t + c)); });
-      tr.z_max = t_max.total() * inv_t;
-      Sum<acc_t> t_sum;
-      for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+      tr.z_max = row_max(C, t) * inv_t;
+      const acc_t z_max = tr.z_max;
+      tr.log_sum = ofa_log(row_sum<acc_t>(C, [=](auto zero, int64_t c) {
         using V = decltype(zero);
-        t_sum.add(ofa_exp(load(zero, t + c) * V(inv_t) - V(tr.z_max)));
-      });
-      tr.log_sum = ofa_log(t_sum.total());
+        return ofa_exp(load(zero, t + c) * V(inv_t) - V(z_max));
+      }));
       tr.p_target = ofa_exp(t[y] * inv_t - tr.z_max - tr.log_sum);
-      if (pb.want_teacher_grad) std::fill(scratch.row(Scratch::kTeacherGrad), scratch.row(Scratch::kTeacherGrad) + C, acc_t(0));
+      if (pb.want_teacher_grad) std::fill(dt, dt + C, acc_t(0));
 
       for (int64_t k = 0; k < pb.K; ++k) {
         const acc_t eps = static_cast<acc_t>(eps_values[k]);
         if (eps != tr.eps) {  // weights of this eps; consecutive branches with one eps share them
-          Sum<acc_t> u_sum;
-          for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+          const acc_t u_sum = row_sum<acc_t>(C, [=](auto zero, int64_t c) {
             using V = decltype(zero);
-            auto uc = class_weight(load(zero, t + c) * V(inv_t) - V(tr.z_max), V(eps));
+            auto uc = class_weight(load(zero, t + c) * V(inv_t) - V(z_max), V(eps));
             store(uc, u + c);
-            u_sum.add(uc);
+            return uc;
           });
           tr.eps = eps;
           tr.norm = ofa_exp(-eps * tr.log_sum);
           tr.u_target = u[y];
           tr.w_target = target_weight(tr.p_target, eps);
-          tr.weight_sum = tr.norm * (u_sum.total() - tr.u_target) + tr.w_target;
+          tr.weight_sum = tr.norm * (u_sum - tr.u_target) + tr.w_target;
         }
 
         // Student: x = s / T; its max, then exp-sum and the weighted gap in one pass.
         const acc_t* s = row_as_acc(branch_rows0[k] + b * branch_row_stride[k], C, scratch.row(Scratch::kStudent));
-        Max<acc_t> s_max;
-        for_each_element<acc_t>(C, [&](auto zero, int64_t c) { s_max.add(load(zero, s + c)); });
-        const acc_t x_max = s_max.total() * inv_t;
-        Sum<acc_t> s_sum, u_gap;
-        for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+        const acc_t x_max = row_max(C, s) * inv_t;
+        const bool keep_exp = pb.want_grad;
+        const auto [sum_s, u_gap] = reduce_row<acc_t, 2, 1>(C, AddOp(), [=](auto zero, int64_t c) {
           using V = decltype(zero);
           auto shifted = load(zero, s + c) * V(inv_t) - V(x_max);  // x_c - max_x <= 0
           auto ex = ofa_exp(shifted);
-          if (pb.want_grad) store(ex, e + c);
-          s_sum.add(ex);
-          u_gap.add(load(zero, u + c) * (V(acc_t(0)) - shifted));
+          if (keep_exp) store(ex, e + c);
+          return std::array{ex, load(zero, u + c) * (V(acc_t(0)) - shifted)};
         });
-        const acc_t sum_s = s_sum.total();
         const acc_t log_sum_s = ofa_log(sum_s);
         const acc_t gap_target = x_max - s[y] * inv_t;
-        const acc_t gap = tr.norm * (u_gap.total() - tr.u_target * gap_target) + tr.w_target * gap_target;
+        const acc_t gap = tr.norm * (u_gap - tr.u_target * gap_target) + tr.w_target * gap_target;
         loss_rows[k * pb.B + b] = row_loss(tr.weight_sum, gap, log_sum_s);
         if (!pb.want_grad) continue;
 
         const acc_t scale_over_t = grad_scale[k * scale_stride_k + b * scale_stride_b] * inv_t;
         const acc_t inv_sum_s = acc_t(1) / sum_s;
+        const acc_t weight_sum = tr.weight_sum, norm = tr.norm;
         scalar_t* grad_row = grad_branches + (k * pb.B + b) * C;
         acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row) : scratch.row(Scratch::kGrad);
-        for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+        for_each_element<acc_t>(C, [=](auto zero, int64_t c) {
           using V = decltype(zero);
           auto q = load(zero, e + c) * V(inv_sum_s);
-          auto w = load(zero, u + c) * V(tr.norm);
-          store(student_grad(V(tr.weight_sum), q, w, V(scale_over_t)), g + c);
+          auto w = load(zero, u + c) * V(norm);
+          store(student_grad(V(weight_sum), q, w, V(scale_over_t)), g + c);
         });
         g[y] = student_grad(tr.weight_sum, e[y] * inv_sum_s, tr.w_target, scale_over_t);
         if constexpr (!std::is_same_v<scalar_t, acc_t>) write_row(g, C, grad_row);
@@ -213,29 +291,28 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
           // h_c = p_c * dl/dp_c = -eps * w_c * log_q_c off the target (never p ** (eps - 1), which
           // overflows where p underflows), then dt += scale/T * (h - p * sum(h)).
           acc_t* h = scratch.row(Scratch::kWeightGrad);
-          Sum<acc_t> h_sum;
-          for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+          const acc_t h_sum = row_sum<acc_t>(C, [=](auto zero, int64_t c) {
             using V = decltype(zero);
             // (x - max) - log_sum: subtracting the rounded sum max + log_sum would cost ulps of the max.
             auto log_q = (load(zero, s + c) * V(inv_t) - V(x_max)) - V(log_sum_s);
-            auto hc = class_weight_grad_times_p(load(zero, u + c) * V(tr.norm), V(eps), log_q);
+            auto hc = class_weight_grad_times_p(load(zero, u + c) * V(norm), V(eps), log_q);
             store(hc, h + c);
-            h_sum.add(hc);
+            return hc;
           });
           const acc_t h_target =
               tr.p_target * weight_grad(ofa_log1p(tr.p_target), eps, (s[y] * inv_t - x_max) - log_sum_s);
-          const acc_t sum_h = h_sum.total() - h[y] + h_target;
+          const acc_t sum_h = h_sum - h[y] + h_target;
           h[y] = h_target;
-          acc_t* dt = scratch.row(Scratch::kTeacherGrad);
-          for_each_element<acc_t>(C, [&](auto zero, int64_t c) {
+          const acc_t log_sum_t = tr.log_sum;
+          for_each_element<acc_t>(C, [=](auto zero, int64_t c) {
             using V = decltype(zero);
-            auto p = ofa_exp((load(zero, t + c) * V(inv_t) - V(tr.z_max)) - V(tr.log_sum));
+            auto p = ofa_exp((load(zero, t + c) * V(inv_t) - V(z_max)) - V(log_sum_t));
             store(load(zero, dt + c) + teacher_grad_from_products(load(zero, h + c), p, V(sum_h), V(scale_over_t)),
                   dt + c);
           });
         }
       }
-      if (pb.want_teacher_grad) write_row(scratch.row(Scratch::kTeacherGrad), C, grad_teacher + b * C);
+      if (pb.want_teacher_grad) write_row(dt, C, grad_teacher + b * C);
     }
   });
 }
