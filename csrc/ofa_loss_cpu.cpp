@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -119,50 +120,45 @@ struct MaxOp {
   static constexpr acc_t identity() { return -std::numeric_limits<acc_t>::infinity(); }
 };
 
-// Reduces with `op` each of the kN values body(T(0), c) returns (a std::array) over c in [0, n).
-// The accumulators are locals here, not captured by the body, so they stay in registers (a body
-// storing to a float row could otherwise alias them and force a memory round trip per vector),
-// and with kInterleave = 2 there are two per value, for even and odd vectors, so that cheap
-// bodies (the max pass) are not bound by the latency of one chain of adds. Bodies with an exp
-// take 1: there the exp dominates and more live registers spill.
-template <typename acc_t, size_t kN, int kInterleave, typename Op, typename Body>
-inline std::array<acc_t, kN> reduce_row(int64_t n, Op op, const Body& body) {
+// Reduces each value body(T(0), c) returns (a std::array, one value per op in Ops) over c in
+// [0, n), value i with Ops[i]. The accumulators are locals here, not captured by the body, so
+// they stay in registers (a body storing to a float row could otherwise alias them and force a
+// memory round trip per vector), and with kInterleave = 2 there are two per value, for even
+// and odd vectors, so that cheap bodies (the max pass) are not bound by the latency of one
+// chain. Bodies with an exp take 1: there the exp dominates and more live registers spill.
+template <typename acc_t, int kInterleave, typename... Ops, typename Body>
+inline std::array<acc_t, sizeof...(Ops)> reduce_row(int64_t n, const Body& body) {
   using V = Vectorized<acc_t>;
   constexpr int64_t kWidth = V::size();
-  std::array<V, kN> even, odd;
-  even.fill(V(Op::template identity<acc_t>()));
-  odd = even;
+  constexpr size_t kN = sizeof...(Ops);
+  const auto combine = [](auto& acc, const auto& value) {
+    [&]<size_t... I>(std::index_sequence<I...>) { ((acc[I] = Ops()(acc[I], value[I])), ...); }
+    (std::make_index_sequence<kN>());
+  };
+  std::array<V, kN> even{V(Ops::template identity<acc_t>())...}, odd = even;
   int64_t c = 0;
   for (; kInterleave == 2 && c + 2 * kWidth <= n; c += 2 * kWidth) {
-    const std::array<V, kN> first = body(V(acc_t(0)), c), second = body(V(acc_t(0)), c + kWidth);
-    for (size_t i = 0; i < kN; ++i) {
-      even[i] = op(even[i], first[i]);
-      odd[i] = op(odd[i], second[i]);
-    }
+    combine(even, body(V(acc_t(0)), c));
+    combine(odd, body(V(acc_t(0)), c + kWidth));
   }
-  for (; c + kWidth <= n; c += kWidth) {
-    const std::array<V, kN> value = body(V(acc_t(0)), c);
-    for (size_t i = 0; i < kN; ++i) even[i] = op(even[i], value[i]);
-  }
+  for (; c + kWidth <= n; c += kWidth) combine(even, body(V(acc_t(0)), c));
+  combine(even, odd);
   std::array<acc_t, kN> total;
-  for (size_t i = 0; i < kN; ++i) {
-    total[i] = at::vec::vec_reduce_all<acc_t>([op](V& x, V& y) { return op(x, y); }, op(even[i], odd[i]));
-  }
-  for (; c < n; ++c) {
-    const std::array<acc_t, kN> value = body(acc_t(0), c);
-    for (size_t i = 0; i < kN; ++i) total[i] = op(total[i], value[i]);
-  }
+  [&]<size_t... I>(std::index_sequence<I...>) {
+    ((total[I] = at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return Ops()(x, y); }, even[I])), ...);
+  }(std::make_index_sequence<kN>());
+  for (; c < n; ++c) combine(total, body(acc_t(0), c));
   return total;
 }
 
 template <typename acc_t, typename Body>
 inline acc_t row_sum(int64_t n, const Body& body) {
-  return reduce_row<acc_t, 1, 1>(n, AddOp(), [&](auto zero, int64_t c) { return std::array{body(zero, c)}; })[0];
+  return reduce_row<acc_t, 1, AddOp>(n, [&](auto zero, int64_t c) { return std::array{body(zero, c)}; })[0];
 }
 
 template <typename acc_t>
 inline acc_t row_max(int64_t n, const acc_t* row) {
-  return reduce_row<acc_t, 1, 2>(n, MaxOp(), [row](auto zero, int64_t c) { return std::array{load(zero, row + c)}; })[0];
+  return reduce_row<acc_t, 2, MaxOp>(n, [row](auto zero, int64_t c) { return std::array{load(zero, row + c)}; })[0];
 }
 
 // A row of the input in acc_t: the row itself for float/double, else a converted copy.
@@ -225,6 +221,8 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
     acc_t* u = scratch.row(Scratch::kWeights);
     acc_t* e = scratch.row(Scratch::kExpShifted);
     acc_t* dt = scratch.row(Scratch::kTeacherGrad);
+    acc_t next_max = 0;  // max of the current student row, taken by the previous row's exp pass
+    bool have_next_max = false;
 
     for (int64_t b = row_begin; b < row_end; ++b) {
       const int64_t y = target[b];
@@ -256,17 +254,30 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
           tr.weight_sum = tr.norm * (u_sum - tr.u_target) + tr.w_target;
         }
 
-        // Student: x = s / T; its max, then exp-sum and the weighted gap in one pass.
+        // Student: x = s / T; its max, then exp-sum and the weighted gap in one pass. For float
+        // and double rows that pass also takes the max of the next student row (this row's
+        // successor in the thread's order), so the next row's first touch, a stream from L3 or
+        // memory, overlaps the exp arithmetic instead of being a pass of its own.
         const acc_t* s = row_as_acc(branch_rows0[k] + b * branch_row_stride[k], C, scratch.row(Scratch::kStudent));
-        const acc_t x_max = row_max(C, s) * inv_t;
+        const acc_t x_max = (have_next_max ? next_max : row_max(C, s)) * inv_t;
+        const acc_t* next = s;  // read for nothing when there is no next row or rows are converted
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (k + 1 < pb.K) {
+            next = branch_rows0[k + 1] + b * branch_row_stride[k + 1];
+          } else if (b + 1 < row_end) {
+            next = branch_rows0[0] + (b + 1) * branch_row_stride[0];
+          }
+        }
+        have_next_max = next != s;
         const bool keep_exp = pb.want_grad;
-        const auto [sum_s, u_gap] = reduce_row<acc_t, 2, 1>(C, AddOp(), [=](auto zero, int64_t c) {
+        const auto [sum_s, u_gap, max_of_next] = reduce_row<acc_t, 1, AddOp, AddOp, MaxOp>(C, [=](auto zero, int64_t c) {
           using V = decltype(zero);
           auto shifted = load(zero, s + c) * V(inv_t) - V(x_max);  // x_c - max_x <= 0
           auto ex = ofa_exp(shifted);
           if (keep_exp) store(ex, e + c);
-          return std::array{ex, load(zero, u + c) * (V(acc_t(0)) - shifted)};
+          return std::array{ex, load(zero, u + c) * (V(acc_t(0)) - shifted), load(zero, next + c)};
         });
+        next_max = max_of_next;
         const acc_t log_sum_s = ofa_log(sum_s);
         const acc_t gap_target = x_max - s[y] * inv_t;
         const acc_t gap = tr.norm * (u_gap - tr.u_target * gap_target) + tr.w_target * gap_target;

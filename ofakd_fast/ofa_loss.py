@@ -15,6 +15,7 @@ Where the gradient is computed:
 * On CUDA, and under torch.compile, the forward saves only its inputs and backward recomputes
   the gradients with the upstream folded in (no host synchronisation, no saved K x B x C buffer).
 """
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -116,8 +117,11 @@ def _backward(ctx, grad_loss, _grad_of_grad_branches, _grad_of_grad_teacher):
     else:
         grad_branches, grad_teacher = _ofa_loss_backward_op(
             branches, teacher, target, eps, temperature, reduction, backend, grad_loss, teacher_grad)
-    per_entry = grad_branches.split(ctx.branch_counts)
-    grads = [g if stacked else g[0] for g, stacked in zip(per_entry, ctx.branch_is_stacked)]
+    if not any(ctx.branch_is_stacked):  # the common case: one view per [B, C] branch, in one op
+        grads = list(grad_branches.unbind(0))
+    else:
+        per_entry = grad_branches.split(ctx.branch_counts)
+        grads = [g if stacked else g[0] for g, stacked in zip(per_entry, ctx.branch_is_stacked)]
     return grads, (grad_teacher if teacher_grad else None), None, None, None, None, None, None, None
 
 
@@ -200,10 +204,11 @@ def _target_indices(target: Tensor, batch: int, classes: int, device: torch.devi
         raise TypeError(f"target: class indices must be an integer tensor, got {target.dtype}")
     target = target.long()
     # Checked on the host for CPU tensors only (no GPU sync); under torch.compile the kernel checks.
-    if (device.type == "cpu" and not torch.compiler.is_compiling() and target.numel()
-            and (int(target.min()) < 0 or int(target.max()) >= classes)):
-        bad = target[(target < 0) | (target >= classes)][0].item()
-        raise ValueError(f"target: class indices must lie in [0, {classes}), got {bad}")
+    if device.type == "cpu" and not torch.compiler.is_compiling() and target.numel():
+        lowest, highest = torch.aminmax(target)
+        if int(lowest) < 0 or int(highest) >= classes:
+            bad = target[(target < 0) | (target >= classes)][0].item()
+            raise ValueError(f"target: class indices must lie in [0, {classes}), got {bad}")
     return target
 
 
@@ -244,6 +249,18 @@ def _check_inputs(branch_logits, logits_teacher, target, eps, temperature):
 
 # ----------------------------------------------------------------------------- public API
 
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype)
+
+
+def _constant_tensor(values: tuple, dtype: torch.dtype) -> Tensor:
+    """A small CPU tensor of `values` that nothing writes to (eps, upstream weights), made once per
+    distinct value in eager mode: a training loop passes the same few every step. Traced afresh
+    under torch.compile, where it becomes a constant of the graph."""
+    return torch.tensor(values, dtype=dtype) if torch.compiler.is_compiling() else _cached_constant(values, dtype)
+
+
 def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
                     expected_upstream: Optional[Sequence[float]]) -> Tensor:
     if reduction not in _REDUCTIONS:
@@ -262,8 +279,8 @@ def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, red
     upstream = None
     if precompute:
         values = expected_upstream if expected_upstream is not None else [1.0] * len(eps_values)
-        upstream = torch.tensor(values, dtype=_loss_dtype(teacher.dtype))
-    eps_tensor = torch.tensor(eps_values, dtype=torch.float64)
+        upstream = _constant_tensor(tuple(values), _loss_dtype(teacher.dtype))
+    eps_tensor = _constant_tensor(tuple(eps_values), torch.float64)
     args = (teacher, target, eps_tensor, temperature, _REDUCTIONS[reduction], name, upstream,
             needs_grad and teacher.requires_grad)
     if torch.compiler.is_compiling():
