@@ -3,9 +3,11 @@
 //
 // Per row: the teacher row is read from memory once (two passes over it in cache give its
 // log-sum-exp, a third the unnormalised weights of an eps, shared by consecutive branches
-// with that eps); each branch then needs one max pass, one pass that gathers exp-sum and the
-// weighted gap, and, when gradients are wanted, one pass that writes the gradient row. Rows are spread over threads with at::parallel_for; the inner
-// loops use at::vec with float32 math (float64 for float64 inputs).
+// with that eps); each branch then needs one pass that gathers exp-sum and the weighted gap
+// (and the max of the next branch row), and, when gradients are wanted, one pass that writes
+// the gradient row. Rows are spread over threads with at::parallel_for; the inner loops use
+// at::vec with float32 math (float64 for float64 inputs), bfloat16 and float16 logits widened
+// as they are loaded.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -74,7 +76,7 @@ inline at::vec::Vectorized<float> ofa_exp(const at::vec::Vectorized<float>& x_in
 }
 }  // namespace ofakd
 
-#include "branch_matrices.h"
+#include "op_inputs.h"
 #include "ofa_row_math.h"
 #include "reusable_buffer.h"
 
@@ -93,10 +95,20 @@ inline void for_each_element(int64_t n, const Body& body) {
   for (; c < n; ++c) body(acc_t(0), c);
 }
 
-template <typename acc_t>
-inline Vectorized<acc_t> load(const Vectorized<acc_t>&, const acc_t* ptr) { return Vectorized<acc_t>::loadu(ptr); }
-template <typename acc_t>
-inline acc_t load(acc_t, const acc_t* ptr) { return *ptr; }
+// Loads in acc_t from acc_t rows or from the logits' own dtype: bfloat16 and float16 are widened
+// in registers, so their rows need no converted copy.
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load(const Vectorized<acc_t>&, const scalar_t* ptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(ptr);
+  } else {
+    Vectorized<acc_t> widened;
+    at::vec::load_to_float(ptr, widened);
+    return widened;
+  }
+}
+template <typename acc_t, typename scalar_t>
+inline acc_t load(acc_t, const scalar_t* ptr) { return static_cast<acc_t>(*ptr); }
 template <typename acc_t>
 inline void store(const Vectorized<acc_t>& value, acc_t* ptr) { value.store(ptr); }
 template <typename acc_t>
@@ -156,20 +168,9 @@ inline acc_t row_sum(int64_t n, const Body& body) {
   return reduce_row<acc_t, 1, AddOp>(n, [&](auto zero, int64_t c) { return std::array{body(zero, c)}; })[0];
 }
 
-template <typename acc_t>
-inline acc_t row_max(int64_t n, const acc_t* row) {
+template <typename acc_t, typename scalar_t>
+inline acc_t row_max(int64_t n, const scalar_t* row) {
   return reduce_row<acc_t, 2, MaxOp>(n, [row](auto zero, int64_t c) { return std::array{load(zero, row + c)}; })[0];
-}
-
-// A row of the input in acc_t: the row itself for float/double, else a converted copy.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* row_as_acc(const scalar_t* row, int64_t n, acc_t* scratch) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return row;
-  } else {
-    at::vec::convert(row, scratch, n);
-    return scratch;
-  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -186,7 +187,7 @@ struct Problem {
 // Row-sized scratch of one thread; each row lives in L2 while its logits row is processed.
 template <typename acc_t>
 struct RowScratch {
-  enum Row { kWeights, kExpShifted, kTeacher, kStudent, kGrad, kWeightGrad, kTeacherGrad, kNumRows };
+  enum Row { kWeights, kExpShifted, kGrad, kWeightGrad, kTeacherGrad, kNumRows };
   explicit RowScratch(int64_t C) : C(C), storage(static_cast<size_t>(kNumRows * C)) {}
   acc_t* row(Row r) { return storage.data() + r * C; }
   int64_t C;
@@ -227,15 +228,15 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
     for (int64_t b = row_begin; b < row_end; ++b) {
       const int64_t y = target[b];
       // Teacher: z = t / T, its max and log-sum-exp; two passes, the row stays in L1/L2.
-      const acc_t* t = row_as_acc(teacher + b * teacher_row_stride, C, scratch.row(Scratch::kTeacher));
+      const scalar_t* t = teacher + b * teacher_row_stride;
       TeacherRow<acc_t> tr;
-      tr.z_max = row_max(C, t) * inv_t;
+      tr.z_max = row_max<acc_t>(C, t) * inv_t;
       const acc_t z_max = tr.z_max;
       tr.log_sum = ofa_log(row_sum<acc_t>(C, [=](auto zero, int64_t c) {
         using V = decltype(zero);
         return ofa_exp(load(zero, t + c) * V(inv_t) - V(z_max));
       }));
-      tr.p_target = ofa_exp(t[y] * inv_t - tr.z_max - tr.log_sum);
+      tr.p_target = ofa_exp(static_cast<acc_t>(t[y]) * inv_t - tr.z_max - tr.log_sum);
       if (pb.want_teacher_grad) std::fill(dt, dt + C, acc_t(0));
 
       for (int64_t k = 0; k < pb.K; ++k) {
@@ -254,19 +255,17 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
           tr.weight_sum = tr.norm * (u_sum - tr.u_target) + tr.w_target;
         }
 
-        // Student: x = s / T; its max, then exp-sum and the weighted gap in one pass. For float
-        // and double rows that pass also takes the max of the next student row (this row's
-        // successor in the thread's order), so the next row's first touch, a stream from L3 or
-        // memory, overlaps the exp arithmetic instead of being a pass of its own.
-        const acc_t* s = row_as_acc(branch_rows0[k] + b * branch_row_stride[k], C, scratch.row(Scratch::kStudent));
-        const acc_t x_max = (have_next_max ? next_max : row_max(C, s)) * inv_t;
-        const acc_t* next = s;  // read for nothing when there is no next row or rows are converted
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (k + 1 < pb.K) {
-            next = branch_rows0[k + 1] + b * branch_row_stride[k + 1];
-          } else if (b + 1 < row_end) {
-            next = branch_rows0[0] + (b + 1) * branch_row_stride[0];
-          }
+        // Student: x = s / T; exp-sum and the weighted gap in one pass, which also takes the max
+        // of the next student row (this row's successor in the thread's order): the next row's
+        // first touch, a stream from L3 or memory, then overlaps the exp arithmetic instead of
+        // being a pass of its own. Only a thread's first row has a max pass.
+        const scalar_t* s = branch_rows0[k] + b * branch_row_stride[k];
+        const acc_t x_max = (have_next_max ? next_max : row_max<acc_t>(C, s)) * inv_t;
+        const scalar_t* next = s;  // read for nothing when the thread has no next row
+        if (k + 1 < pb.K) {
+          next = branch_rows0[k + 1] + b * branch_row_stride[k + 1];
+        } else if (b + 1 < row_end) {
+          next = branch_rows0[0] + (b + 1) * branch_row_stride[0];
         }
         have_next_max = next != s;
         const bool keep_exp = pb.want_grad;
@@ -279,7 +278,8 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
         });
         next_max = max_of_next;
         const acc_t log_sum_s = ofa_log(sum_s);
-        const acc_t gap_target = x_max - s[y] * inv_t;
+        const acc_t s_target = static_cast<acc_t>(s[y]) * inv_t;
+        const acc_t gap_target = x_max - s_target;
         const acc_t gap = tr.norm * (u_gap - tr.u_target * gap_target) + tr.w_target * gap_target;
         loss_rows[k * pb.B + b] = row_loss(tr.weight_sum, gap, log_sum_s);
         if (!pb.want_grad) continue;
@@ -311,7 +311,7 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
             return hc;
           });
           const acc_t h_target =
-              tr.p_target * weight_grad(ofa_log1p(tr.p_target), eps, (s[y] * inv_t - x_max) - log_sum_s);
+              tr.p_target * weight_grad(ofa_log1p(tr.p_target), eps, (s_target - x_max) - log_sum_s);
           const acc_t sum_h = h_sum - h[y] + h_target;
           h[y] = h_target;
           const acc_t log_sum_t = tr.log_sum;
@@ -333,24 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(at::TensorList 
                                                                  double temperature,
                                                                  const c10::optional<at::Tensor>& grad_scale,
                                                                  bool teacher_grad) {
-  const auto matrices = branch_matrices(branches);
-  const int64_t K = static_cast<int64_t>(matrices.size());
-  TORCH_CHECK(K > 0, "ofakd_fast: need at least one student branch");
-  TORCH_CHECK(teacher.dim() == 2, "ofakd_fast: teacher logits must be [B, C]");
-  const int64_t B = teacher.size(0), C = teacher.size(1);
-  TORCH_CHECK(teacher.stride(1) == 1 || C <= 1, "ofakd_fast: teacher rows must be contiguous");
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.numel() == B, "ofakd_fast: target must be int64 [B]");
-  TORCH_CHECK(eps.scalar_type() == at::kDouble && eps.device().is_cpu() && eps.numel() == K,
-              "ofakd_fast: eps must be a float64 CPU tensor with one value per branch");
-  const auto dtype = teacher.scalar_type();
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<int64_t> row_strides;
-  for (const auto& m : matrices) {
-    TORCH_CHECK(m.scalar_type() == dtype, "ofakd_fast: branches and teacher must share one dtype");
-    TORCH_CHECK(m.size(0) == B && m.size(1) == C, "ofakd_fast: every branch must be [B, C] like the teacher");
-    TORCH_CHECK(m.stride(1) == 1 || C <= 1, "ofakd_fast: branch rows must be contiguous");
-    row_strides.push_back(m.stride(0));
-  }
+  const OpInputs in = check_op_inputs(branches, teacher, target, eps);
+  const int64_t K = in.K, B = in.B, C = in.C;
+  const auto dtype = in.dtype, acc_dtype = in.acc_dtype;
   const bool want_grad = grad_scale.has_value();
   const auto target_c = target.contiguous();
   const auto eps_c = eps.contiguous();
@@ -374,8 +359,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(at::TensorList 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ofa_fused_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> rows0;
-    for (const auto& m : matrices) rows0.push_back(m.const_data_ptr<scalar_t>());
-    ofa_rows_cpu<scalar_t>(rows0, row_strides, teacher.const_data_ptr<scalar_t>(), teacher.stride(0), target_ptr,
+    for (const auto& m : in.branches) rows0.push_back(m.const_data_ptr<scalar_t>());
+    ofa_rows_cpu<scalar_t>(rows0, in.row_strides, teacher.const_data_ptr<scalar_t>(), teacher.stride(0), target_ptr,
                            eps_c.const_data_ptr<double>(), want_grad ? scale.const_data_ptr<acc_t>() : nullptr,
                            want_grad ? scale.stride(0) : 0, want_grad ? scale.stride(1) : 0, pb,
                            loss_rows.mutable_data_ptr<acc_t>(),

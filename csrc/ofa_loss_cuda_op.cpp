@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "branch_matrices.h"
+#include "op_inputs.h"
 #include "ofa_loss_cuda_row.cuh"
 
 namespace ofakd {
@@ -33,36 +33,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(at::TensorList
                                                                   double temperature,
                                                                   const c10::optional<at::Tensor>& grad_scale,
                                                                   bool teacher_grad) {
-  const auto matrices = branch_matrices(branches);
-  const int64_t K = static_cast<int64_t>(matrices.size());
-  TORCH_CHECK(K > 0, "ofakd_fast: need at least one student branch");
-  TORCH_CHECK(teacher.dim() == 2, "ofakd_fast: teacher logits must be [B, C]");
   TORCH_CHECK(teacher.is_cuda(), "ofakd_fast (CUDA kernel): teacher logits must be a CUDA tensor, got ",
               teacher.device());
+  const OpInputs in = check_op_inputs(branches, teacher, target, eps);
+  const int64_t K = in.K, B = in.B, C = in.C;
+  const auto dtype = in.dtype, acc_dtype = in.acc_dtype;
   const auto device = teacher.device();
-  const int64_t B = teacher.size(0), C = teacher.size(1);
-  TORCH_CHECK(teacher.stride(1) == 1 || C <= 1, "ofakd_fast: teacher rows must be contiguous");
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.numel() == B, "ofakd_fast: target must be int64 [B]");
-  TORCH_CHECK(target.device() == device, "ofakd_fast (CUDA kernel): target must be on ", device, " like the logits, got ",
-              target.device());
-  TORCH_CHECK(eps.scalar_type() == at::kDouble && eps.device().is_cpu() && eps.numel() == K,
-              "ofakd_fast: eps must be a float64 CPU tensor with one value per branch");
   TORCH_CHECK(temperature > 0, "ofakd_fast: temperature must be > 0");
   TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "ofakd_fast: batch too large for one launch");
   TORCH_CHECK(C <= std::numeric_limits<int32_t>::max() - 64, "ofakd_fast: too many classes for the CUDA kernel");
-  const auto dtype = teacher.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "ofakd_fast: logits must be float32, float64, bfloat16 or float16, got ", dtype);
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<int64_t> row_strides;
-  for (const auto& m : matrices) {
-    TORCH_CHECK(m.scalar_type() == dtype, "ofakd_fast: branches and teacher must share one dtype");
-    TORCH_CHECK(m.device() == device, "ofakd_fast (CUDA kernel): every branch must be on ", device, " like the teacher, got ",
-                m.device());
-    TORCH_CHECK(m.size(0) == B && m.size(1) == C, "ofakd_fast: every branch must be [B, C] like the teacher");
-    TORCH_CHECK(m.stride(1) == 1 || C <= 1, "ofakd_fast: branch rows must be contiguous");
-    row_strides.push_back(m.stride(0));
-  }
   const bool want_grad = grad_scale.has_value();
   const bool want_tgrad = want_grad && teacher_grad;
 
@@ -90,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cuda(at::TensorList
     using acc_t = acc_of<scalar_t>;
     Problem<scalar_t> pb;
     for (int64_t k = 0; k < K; ++k) {
-      pb.branch.push_back(matrices[k].const_data_ptr<scalar_t>());
-      pb.branch_stride.push_back(row_strides[k]);
+      pb.branch.push_back(in.branches[k].const_data_ptr<scalar_t>());
+      pb.branch_stride.push_back(in.row_strides[k]);
       pb.eps.push_back(eps_c.const_data_ptr<double>()[k]);
     }
     pb.teacher = teacher.const_data_ptr<scalar_t>();
