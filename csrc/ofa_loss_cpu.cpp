@@ -109,10 +109,17 @@ inline Vectorized<acc_t> load(const Vectorized<acc_t>&, const scalar_t* ptr) {
 }
 template <typename acc_t, typename scalar_t>
 inline acc_t load(acc_t, const scalar_t* ptr) { return static_cast<acc_t>(*ptr); }
-template <typename acc_t>
-inline void store(const Vectorized<acc_t>& value, acc_t* ptr) { value.store(ptr); }
-template <typename acc_t>
-inline void store(acc_t value, acc_t* ptr) { *ptr = value; }
+// Stores acc_t values to acc_t rows, or narrowed to a bfloat16 / float16 gradient row.
+template <typename acc_t, typename scalar_t>
+inline void store(const Vectorized<acc_t>& value, scalar_t* ptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    value.store(ptr);
+  } else {
+    at::vec::convert_from_float<scalar_t>(value, value).store(ptr, Vectorized<acc_t>::size());
+  }
+}
+template <typename acc_t, typename scalar_t>
+inline void store(acc_t value, scalar_t* ptr) { *ptr = static_cast<scalar_t>(value); }
 
 struct AddOp {
   template <typename T>
@@ -187,7 +194,7 @@ struct Problem {
 // Row-sized scratch of one thread; each row lives in L2 while its logits row is processed.
 template <typename acc_t>
 struct RowScratch {
-  enum Row { kWeights, kExpShifted, kGrad, kWeightGrad, kTeacherGrad, kNumRows };
+  enum Row { kWeights, kExpShifted, kWeightGrad, kTeacherGrad, kNumRows };
   explicit RowScratch(int64_t C) : C(C), storage(static_cast<size_t>(kNumRows * C)) {}
   acc_t* row(Row r) { return storage.data() + r * C; }
   int64_t C;
@@ -288,15 +295,13 @@ void ofa_rows_cpu(const std::vector<const scalar_t*>& branch_rows0, const std::v
         const acc_t inv_sum_s = acc_t(1) / sum_s;
         const acc_t weight_sum = tr.weight_sum, norm = tr.norm;
         scalar_t* grad_row = grad_branches + (k * pb.B + b) * C;
-        acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row) : scratch.row(Scratch::kGrad);
         for_each_element<acc_t>(C, [=](auto zero, int64_t c) {
           using V = decltype(zero);
           auto q = load(zero, e + c) * V(inv_sum_s);
           auto w = load(zero, u + c) * V(norm);
-          store(student_grad(V(weight_sum), q, w, V(scale_over_t)), g + c);
+          store(student_grad(V(weight_sum), q, w, V(scale_over_t)), grad_row + c);
         });
-        g[y] = student_grad(tr.weight_sum, e[y] * inv_sum_s, tr.w_target, scale_over_t);
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) write_row(g, C, grad_row);
+        store(student_grad(tr.weight_sum, e[y] * inv_sum_s, tr.w_target, scale_over_t), grad_row + y);
 
         if (pb.want_teacher_grad) {
           // h_c = p_c * dl/dp_c = -eps * w_c * log_q_c off the target (never p ** (eps - 1), which
