@@ -1,0 +1,69 @@
+"""Where the time of one fused CPU call goes: the C++ kernel alone against the whole Python call.
+
+    .venv/bin/python benchmarks/kernel_split.py [--shape 256x1000x5] [--dtype fp32] [--threads 1]
+
+Times, interleaved in one process (medians and minimums over --rounds rounds):
+  kernel+grad  torch.ops.ofakd_fast_C.fused_forward with the gradient pass (what fwd+bwd runs)
+  kernel       the same without gradients (the forward under no_grad)
+  call         ofa_loss_multi(...) forward + torch.autograd.grad, as benchmarks/bench_loss.py times it
+and prints the call's overhead over the kernel (input checks, autograd.Function, autograd engine),
+and the kernel's time per student logit. Repeated calls on the same tensors: warm caches.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DTYPES, Case, loss_step, make_inputs  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="256x1000x5", help="BxCxK")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch, classes, branches = (int(v) for v in args.shape.lower().split("x"))
+    case = Case("cpu", batch, classes, branches, args.dtype)
+
+    from ofakd_fast.backends import backend_error
+    error = backend_error("cpu", torch.device("cpu"))
+    if error:
+        sys.exit(f"kernel_split: the CPU kernel cannot run: {error}")
+    students, teacher, target = make_inputs(case)
+    detached = [s.detach() for s in students]
+    kernel = torch.ops.ofakd_fast_C.fused_forward
+    eps = torch.full((branches,), 1.2, dtype=torch.float64)
+    grad_scale = torch.full((branches, 1), 1.0 / batch)
+    steps = {
+        "kernel+grad": lambda: kernel(detached, teacher, target, eps, 1.0, grad_scale, False),
+        "kernel": lambda: kernel(detached, teacher, target, eps, 1.0, None, False),
+        "call": loss_step("fused:cpu", "fwdbwd", students, teacher, target),
+    }
+    for step in steps.values():
+        for _ in range(5):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - start)
+
+    print(f"{case.shape} {args.dtype}, {args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}")
+    for name, values in samples.items():
+        print(f"  {name:12s} median {statistics.median(values) * 1e3:8.3f} ms   min {min(values) * 1e3:8.3f} ms")
+    kernel_ms = statistics.median(samples["kernel+grad"]) * 1e3
+    call_ms = statistics.median(samples["call"]) * 1e3
+    print(f"  call overhead over the kernel: {call_ms - kernel_ms:.3f} ms ({(call_ms - kernel_ms) / call_ms:.0%} of the call)")
+    print(f"  kernel+grad per student logit: {kernel_ms * 1e6 / (batch * classes * branches):.3f} ns")
+
+
+if __name__ == "__main__":
+    main()
