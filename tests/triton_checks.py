@@ -1,8 +1,8 @@
 """Checks of the Triton OFA kernel (kernels/ofa_loss.py), shared by the interpreter and the GPU tests.
 
 Every check takes the kernel module (see :func:`load_kernel_module`) and a device, so
-``test_triton_interpreter.py`` (CPU tensors, TRITON_INTERPRET=1) and ``test_triton_gpu.py``
-(CUDA tensors, compiled) run the same code.
+``test_triton_kernel.py`` runs the same code on its two targets: CPU tensors under TRITON_INTERPRET=1
+and CUDA tensors, compiled.
 
 Oracle: ``ofakd_fast/reference.py`` (``ofa_loss_log_domain``) in float64 with autograd gradients.
 Accuracy for float32/bfloat16/float16 inputs is judged FlashAttention-style: the kernel's error
