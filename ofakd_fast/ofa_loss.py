@@ -49,15 +49,21 @@ def _reduce(loss_rows: Tensor, reduction: int) -> Tensor:
     return loss_rows.sum(dim=1) if reduction == _REDUCTIONS["sum"] else loss_rows.mean(dim=1)
 
 
+def _run_kernel(branches: list, teacher: Tensor, target: Tensor, eps: Tensor, temperature: float, reduction: int,
+                backend: str, grad_scale: Optional[Tensor], teacher_grad: bool) -> tuple:
+    """Branch losses, plus the gradients for the row factors `grad_scale` when given (else empty)."""
+    loss_rows, grad_branches, grad_teacher = fused_forward(backend)(
+        branches, teacher, target, eps, temperature, grad_scale, teacher_grad)
+    return _reduce(loss_rows, reduction), grad_branches, grad_teacher
+
+
 def _ofa_loss_forward(branches: list, teacher: Tensor, target: Tensor, eps: Tensor, temperature: float,
                       reduction: int, backend: str, expected_upstream: Optional[Tensor],
                       teacher_grad: bool) -> tuple:
     """Branch losses, plus the gradients for `expected_upstream` when it is given (else empty)."""
     grad_scale = None if expected_upstream is None else _row_grad_scale(
         expected_upstream, reduction, teacher.shape[0])
-    loss_rows, grad_branches, grad_teacher = fused_forward(backend)(
-        branches, teacher, target, eps, temperature, grad_scale, teacher_grad)
-    return _reduce(loss_rows, reduction), grad_branches, grad_teacher
+    return _run_kernel(branches, teacher, target, eps, temperature, reduction, backend, grad_scale, teacher_grad)
 
 
 _ofa_loss_op = torch.library.custom_op("ofakd_fast::ofa_loss", _ofa_loss_forward, mutates_args=(), schema=(
@@ -138,10 +144,12 @@ class _EagerOFALoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, teacher, target, eps, temperature, reduction, backend, expected_upstream, teacher_grad,
-                *branches):
-        inputs = (list(branches), teacher, target, eps, temperature, reduction, backend, expected_upstream,
-                  teacher_grad)
-        output = _ofa_loss_forward(*inputs)
+                grad_scale, *branches):
+        # grad_scale: _row_grad_scale(expected_upstream, ...), made once per distinct value by the caller.
+        branches = list(branches)
+        inputs = (branches, teacher, target, eps, temperature, reduction, backend, expected_upstream, teacher_grad)
+        output = _run_kernel(branches, teacher, target, eps, temperature, reduction, backend, grad_scale,
+                             teacher_grad)
         _setup_context(ctx, inputs, output)
         # The gradient outputs get no gradient: without this autograd zero-fills a K x B x C
         # tensor for them in every backward (150 of 170 ms at 256x21841x5, and 1x extra memory).
@@ -151,9 +159,9 @@ class _EagerOFALoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher):
         if grad_loss is None:  # no gradient reached the losses (grads are not materialised)
-            return (None,) * (8 + len(ctx.branch_counts))
+            return (None,) * (9 + len(ctx.branch_counts))
         grads, grad_teacher, *_ = _backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher)
-        return (grad_teacher, None, None, None, None, None, None, None, *grads)
+        return (grad_teacher, None, None, None, None, None, None, None, None, *grads)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -254,6 +262,13 @@ def _cached_constant(values: tuple, dtype: torch.dtype) -> Tensor:
     return torch.tensor(values, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_upstream(values: tuple, dtype: torch.dtype, reduction: int, batch: int) -> tuple:
+    """The announced upstream gradient [K] and the row factors the kernel scales gradients by (eager CPU)."""
+    upstream = _cached_constant(values, dtype)
+    return upstream, _row_grad_scale(upstream, reduction, batch)
+
+
 def _constant_tensor(values: tuple, dtype: torch.dtype) -> Tensor:
     """A small CPU tensor of `values` that nothing writes to (eps, upstream weights), made once per
     distinct value in eager mode: a training loop passes the same few every step. Traced afresh
@@ -276,17 +291,18 @@ def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, red
         return ofa_loss_multi_reference(split, teacher, target, eps_values, temperature, reduction)
     needs_grad = torch.is_grad_enabled() and (teacher.requires_grad or any(b.requires_grad for b in branches))
     precompute = needs_grad and teacher.device.type == "cpu" and not torch.compiler.is_compiling()
-    upstream = None
+    upstream = grad_scale = None
     if precompute:
         values = expected_upstream if expected_upstream is not None else [1.0] * len(eps_values)
-        upstream = _constant_tensor(tuple(values), _loss_dtype(teacher.dtype))
+        upstream, grad_scale = _cached_upstream(tuple(values), _loss_dtype(teacher.dtype), _REDUCTIONS[reduction],
+                                                teacher.shape[0])
     eps_tensor = _constant_tensor(tuple(eps_values), torch.float64)
     args = (teacher, target, eps_tensor, temperature, _REDUCTIONS[reduction], name, upstream,
             needs_grad and teacher.requires_grad)
     if torch.compiler.is_compiling():
         loss, _, _ = _ofa_loss_op(branches, *args)
     else:
-        loss, _, _ = _EagerOFALoss.apply(*args, *branches)
+        loss, _, _ = _EagerOFALoss.apply(*args, grad_scale, *branches)
     return loss
 
 
