@@ -231,16 +231,23 @@ OFA_UNROLL
   }
 }
 
+// The largest element of a slot that lies in [0, C), times inv_t; -inf when none does.
+template <typename scalar_t, typename acc_t>
+OFA_ROW_FN acc_t slot_max(const Pack<scalar_t>& v, int e0, int C, acc_t inv_t) {
+  acc_t max = neg_infinity<acc_t>();
+OFA_UNROLL
+  for (int i = 0; i < Pack<scalar_t>::kWidth; ++i) {
+    const acc_t vi = static_cast<acc_t>(v.v[i]) * inv_t;
+    if (e0 + i >= 0 && e0 + i < C && vi > max) max = vi;
+  }
+  return max;
+}
+
 // Adds a slot of teacher logits to the running (max, sum of exp) of z = t / T.
 template <typename scalar_t, typename acc_t>
 OFA_ROW_FN void add_teacher_slot(Partial<acc_t>& tp, const Pack<scalar_t>& z, int e0, int C, acc_t inv_t) {
   constexpr int W = Pack<scalar_t>::kWidth;
-  acc_t z_max = neg_infinity<acc_t>();
-OFA_UNROLL
-  for (int i = 0; i < W; ++i) {
-    const acc_t zi = static_cast<acc_t>(z.v[i]) * inv_t;
-    if (e0 + i >= 0 && e0 + i < C && zi > z_max) z_max = zi;
-  }
+  const acc_t z_max = slot_max(z, e0, C, inv_t);
   if (z_max == neg_infinity<acc_t>()) return;
   if (z_max > tp.m) {
     tp.d *= ofa_exp(tp.m - z_max);  // 0 * 0 while empty
@@ -277,12 +284,7 @@ template <typename scalar_t, typename acc_t>
 OFA_ROW_FN void add_branch_slot(Partial<acc_t>& q, const Pack<scalar_t>& x, const acc_t (&w)[Pack<scalar_t>::kWidth],
                                 int e0, int C, int y, acc_t inv_t) {
   constexpr int W = Pack<scalar_t>::kWidth;
-  acc_t x_max = neg_infinity<acc_t>();
-OFA_UNROLL
-  for (int i = 0; i < W; ++i) {
-    const acc_t xi = static_cast<acc_t>(x.v[i]) * inv_t;
-    if (e0 + i >= 0 && e0 + i < C && xi > x_max) x_max = xi;
-  }
+  const acc_t x_max = slot_max(x, e0, C, inv_t);
   if (x_max == neg_infinity<acc_t>()) return;
   if (x_max > q.m) {
     if (q.m != neg_infinity<acc_t>()) {  // rebase: every term of gap grows by (x_max - m)
