@@ -2,7 +2,7 @@
 nvcc and a CUDA build of PyTorch exist (a GPU is not needed), the CUDA extension.
 
 OFAKD_BUILD_CUDA=0 skips the CUDA extension, OFAKD_BUILD_CUDA=1 makes its absence an error.
-Toolkit, wheel headers and GPU architectures are found by ofakd_fast/_build.py (no variables to set).
+Toolkit, wheel headers and GPU architectures are found by ofakd_fast/loss/build.py (no variables to set).
 """
 import importlib.util
 import os
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def load_build_config():
-    spec = importlib.util.spec_from_file_location("ofakd_build", ROOT / "ofakd_fast" / "_build.py")
+    spec = importlib.util.spec_from_file_location("ofakd_build", ROOT / "ofakd_fast" / "loss" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,15 +52,16 @@ setup(
     name="ofakd_fast",
     version="0.1.0",
     description="Fused multi-branch OFA knowledge-distillation loss: C++, Triton and CUDA kernels",
-    packages=["ofakd_fast", "ofakd_fast.kernels"],
+    packages=["ofakd_fast", "ofakd_fast.loss", "ofakd_fast.distill", "ofakd_fast.train", "ofakd_fast.demo",
+              "ofakd_fast.kernels"],
     package_dir={"ofakd_fast": "ofakd_fast", "ofakd_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision", "timm>=1.0", "pyyaml", "safetensors", "numpy"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"]},
-    package_data={"ofakd_fast": ["configs/*.yaml"]},
-    entry_points={"console_scripts": ["ofakd-train=ofakd_fast.train:main",
-                                      "ofakd-eval=ofakd_fast.evaluate:main",
-                                      "ofakd-mnist=ofakd_fast.mnist_demo:main"]},
+    package_data={"ofakd_fast.train": ["configs/*.yaml"]},
+    entry_points={"console_scripts": ["ofakd-train=ofakd_fast.train.cli:main",
+                                      "ofakd-eval=ofakd_fast.train.evaluate:main",
+                                      "ofakd-mnist=ofakd_fast.demo.mnist:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},
 )

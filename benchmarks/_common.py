@@ -116,7 +116,7 @@ def fused_backends(device: str) -> List[str]:
     a correctness tool, not a speed backend: never benchmarked on CPU."""
     if device == "cuda" and not torch.cuda.is_available():
         return []
-    from ofakd_fast.backends import backend_error
+    from ofakd_fast.loss.backends import backend_error
 
     return [name for name in FUSED_ON[device] if backend_error(name, torch.device(device)) is None]
 
@@ -140,7 +140,7 @@ _COMPILED = {}
 def loss_function(variant: str) -> Callable:
     """fn(branches, teacher, target) -> [K] branch losses, for a loss variant."""
     from ofakd_fast import ofa_loss_multi
-    from ofakd_fast.reference import ofa_loss_multi_reference
+    from ofakd_fast.loss.reference import ofa_loss_multi_reference
 
     if variant.startswith("fused:"):
         backend = variant.split(":", 1)[1]

@@ -106,7 +106,7 @@ def _time_loss_alone(captured, device, autocast, repeats=7):
 
 @pytest.mark.trainer
 def bench_trainer(benchmark, pytestconfig, monkeypatch, trainer_config):
-    import ofakd_fast.distiller as distiller_module
+    import ofakd_fast.distill.ofa as distiller_module
     from ofakd_fast import total_loss
 
     device, fmt, precision, loss = trainer_config

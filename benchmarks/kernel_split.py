@@ -32,7 +32,7 @@ def main(argv=None):
     batch, classes, branches = (int(v) for v in args.shape.lower().split("x"))
     case = Case("cpu", batch, classes, branches, args.dtype)
 
-    from ofakd_fast.backends import backend_error
+    from ofakd_fast.loss.backends import backend_error
     error = backend_error("cpu", torch.device("cpu"))
     if error:
         sys.exit(f"kernel_split: the CPU kernel cannot run: {error}")

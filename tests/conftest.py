@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ofakd_fast.backends import BACKENDS, backend_error  # noqa: E402
+from ofakd_fast.loss.backends import BACKENDS, backend_error  # noqa: E402
 
 CPU = torch.device("cpu")
 # The fused backends that can run on CPU tensors on this machine, plus the reference.

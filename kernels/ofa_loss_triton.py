@@ -546,7 +546,7 @@ def triton_unavailable_reason(device) -> Optional[str]:
         hint = " (it is set now, but only after the kernels were defined)" if os.environ.get(
             "TRITON_INTERPRET") == "1" else ""
         return ("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-                " (before ofakd_fast.kernels.ofa_loss is imported)" + hint)
+                " (before ofakd_fast.kernels.ofa_loss_triton is imported)" + hint)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "backend='triton' on CUDA tensors needs a CUDA GPU, and torch.cuda.is_available() is False"

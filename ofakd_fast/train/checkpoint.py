@@ -2,7 +2,7 @@
 fitted to a model with a clear error, and the RNG states as plain types.
 
 A training checkpoint (``last.pth``, ``best.pth``) is a dict of plain types and tensors:
-``model`` (the student's state_dict), ``projectors``, ``optimizer``, ``scheduler``, ``scaler``,
+``model`` (the student's state_dict), ``distiller`` (what the distiller trains besides it), ``optimizer``, ``scheduler``, ``scaler``,
 ``model_ema``, ``epoch`` (epochs completed), ``step_in_epoch``, ``global_step``, ``best_metric``,
 ``best_epoch``, ``metrics``, ``rng`` and ``args``. ``torch.load(path, weights_only=True)`` reads it.
 """
@@ -15,13 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-STATE_DICT_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")  # in order of preference
-STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable, or whose weights do not fit the model."""
-
+from .errors import CheckpointError
 
 def save_checkpoint(state: dict, path) -> Path:
     """Writes `state` to `path` atomically: a temporary file in the same folder, then ``os.replace``."""
@@ -36,45 +30,43 @@ def save_checkpoint(state: dict, path) -> Path:
 
 
 def load_checkpoint(path, flag: str = "--resume") -> dict:
-    """A checkpoint loaded on CPU with ``weights_only=True``; clear errors for a missing or unreadable file."""
+    """A checkpoint dict loaded on CPU with ``weights_only=True``; one clear line for a missing, empty,
+    truncated or foreign file."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pth"
     if not path.is_file():
         raise CheckpointError(f"{flag}: checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{flag}: cannot load checkpoint {path} with torch.load(weights_only=True): "
-                              f"{type(error).__name__}: {error}") from error
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # empty (EOFError), text (UnpicklingError), truncated zip (RuntimeError), ...
+        raise CheckpointError(f"{flag}: {path} is not a PyTorch checkpoint, or it is truncated "
+                              f"({type(error).__name__}: {str(error).strip().splitlines()[0][:160]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{flag}: {path} holds a {type(state).__name__}, not a checkpoint or state_dict dict")
+    return state
 
 
 def read_state_dict(path, flag: str = "--checkpoint", prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model weights of a file: a plain state_dict or a checkpoint holding one (timm's ``state_dict``
-    / ``state_dict_ema``, this trainer's ``model`` / ``model_ema``), ``.pth``/``.pt``/``.bin`` or
-    ``.safetensors``; DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are removed."""
+    """The model weights of a file, read by :func:`timm.models.load_state_dict`: a plain state_dict or a
+    checkpoint holding one (timm's ``state_dict`` / ``state_dict_ema``, this trainer's ``model`` /
+    ``model_ema``), ``.pth``/``.pt``/``.bin`` or ``.safetensors``, DDP and torch.compile prefixes removed."""
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{flag}: file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as error:
-            raise CheckpointError(f"{flag}: cannot read safetensors file {path}: {error}") from error
-    else:
-        state = load_checkpoint(path, flag)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{flag}: {path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
-    keys = ("model_ema", "state_dict_ema") + STATE_DICT_KEYS if prefer_ema else STATE_DICT_KEYS
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        nested = next((k for k in keys if isinstance(state.get(k), dict) and state[k]), None)
-        if nested is None:
-            raise CheckpointError(f"{flag}: {path} is neither a state_dict nor a checkpoint with one of the keys "
-                                  f"{', '.join(STATE_DICT_KEYS)}; its keys: {sorted(state)[:10]}")
-        state = state[nested]
-    return strip_prefixes(state)
+    try:
+        state = load_state_dict(str(path), use_ema=prefer_ema, device="cpu")
+    except Exception as error:
+        if path.suffix != ".safetensors":
+            load_checkpoint(path, flag)  # raises its one-line error for a file torch cannot read
+        raise CheckpointError(f"{flag}: cannot read weights from {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = sorted(state)[:10] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{flag}: {path} is neither a state_dict nor a checkpoint with one under state_dict, "
+                              f"model, state_dict_ema or model_ema; its keys: {keys}")
+    return state
 
 
 def load_weights(model: nn.Module, path, flag: str = "--checkpoint", what: str = "model",
@@ -99,20 +91,6 @@ def load_weights(model: nn.Module, path, flag: str = "--checkpoint", what: str =
                               f"(check the model name, --num-classes / dataset, --in-chans and model kwargs): "
                               + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-
-
-def strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The keys of `state` without leading DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
 
 
 def rng_state() -> dict:

@@ -1,14 +1,14 @@
 """A short demo: the fused loss against the per-branch reference loop at ImageNet size.
 
-    python -m ofakd_fast.demo [--batch 256 --classes 1000 --branches 5]
+    python -m ofakd_fast.demo.loss_speed [--batch 256 --classes 1000 --branches 5]
 """
 import argparse
 import time
 
 import torch
 
-from . import available_backends, ofa_loss_multi
-from .reference import ofa_loss_multi_reference
+from ..loss import available_backends, ofa_loss_multi
+from ..loss.reference import ofa_loss_multi_reference
 
 
 def median_ms(step, repeats: int) -> float:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._extension import cpu_extension_error, cuda_extension_error
+from .extension import cpu_extension_error, cuda_extension_error
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _CUDA_OP = "ofakd_fast_C::fused_forward"
@@ -28,7 +28,7 @@ def _cuda_kernel_error() -> Optional[str]:
 
 def _triton_error(device: torch.device) -> Optional[str]:
     try:
-        from .kernels.ofa_loss import triton_unavailable_reason
+        from ..kernels.ofa_loss_triton import triton_unavailable_reason
     except ImportError as error:
         return f"the Triton kernels cannot be imported ({error})"
     return triton_unavailable_reason(device)
@@ -87,7 +87,7 @@ def _resolve(requested: str, device_type: str) -> str:
 def fused_forward(name: str) -> Callable:
     """The fused kernel entry of a backend, with the signature of ofakd_fast_C::fused_forward."""
     if name == "triton":
-        from .kernels.ofa_loss import ofa_fused_forward_triton
+        from ..kernels.ofa_loss_triton import ofa_fused_forward_triton
 
         return ofa_fused_forward_triton
     return torch.ops.ofakd_fast_C.fused_forward

@@ -5,7 +5,7 @@ import torch
 import ofakd_fast
 from conftest import make_case
 from ofakd_fast import ofa_loss_multi
-from ofakd_fast.backends import resolve_backend
+from ofakd_fast.loss.backends import resolve_backend
 
 
 def call(students=None, teacher=None, target=None, eps=1.0, temperature=1.0, **kw):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import BACKENDS_HERE, SLOW_BACKENDS, make_case
 from ofakd_fast import OFALoss, ofa_loss, ofa_loss_multi
-from ofakd_fast.reference import ofa_loss_log_domain, ofa_loss_multi_reference, ofa_loss_original
+from ofakd_fast.loss.reference import ofa_loss_log_domain, ofa_loss_multi_reference, ofa_loss_original
 
 EPS_CHOICES = (0.5, 1.0, 1.3, 2.0)
 

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-KERNEL_PATH = ROOT / "kernels" / "ofa_loss.py"
+ROOT = Path(__file__).resolve().parents[2]
+KERNEL_PATH = ROOT / "kernels" / "ofa_loss_triton.py"
 EPS_CYCLE = (0.7, 1.0, 1.3, 2.0, 3.0, 1.1)
 
 
@@ -27,10 +27,10 @@ EPS_CYCLE = (0.7, 1.0, 1.3, 2.0, 3.0, 1.1)
 # Loading
 # ----------------------------------------------------------------------------------------------
 def load_kernel_module(interpret: bool):
-    """A private copy of kernels/ofa_loss.py whose kernels are interpreted (or compiled).
+    """A private copy of kernels/ofa_loss_triton.py whose kernels are interpreted (or compiled).
 
     Triton decides interpreter vs compiler when a kernel is decorated, i.e. when the module is
-    imported; another test (or conftest) may already have imported ``ofakd_fast.kernels.ofa_loss``
+    imported; another test (or conftest) may already have imported ``ofakd_fast.kernels.ofa_loss_triton``
     in the other mode, so each test file executes its own copy with TRITON_INTERPRET set as it needs.
     """
     name = "_ofa_triton_kernels_" + ("interpreted" if interpret else "compiled")
@@ -54,18 +54,7 @@ def load_kernel_module(interpret: bool):
     return module
 
 
-def _load_reference():
-    try:
-        from ofakd_fast import reference
-        return reference
-    except Exception:  # the package __init__ may be in flux: load the file itself
-        spec = importlib.util.spec_from_file_location("_ofa_reference", ROOT / "ofakd_fast" / "reference.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-ofa_loss_log_domain = _load_reference().ofa_loss_log_domain
+from ofakd_fast.loss.reference import ofa_loss_log_domain  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,42 +1,18 @@
-"""Distillers: a student, a frozen teacher and the training losses in one ``nn.Module``.
-
-``forward(images, labels)`` returns the student logits and a dict of losses. Entries named
-``loss_*`` carry gradients and sum to the training loss (:func:`total_loss`); any other entry
-is a detached value for logging.
-
-* :class:`OFADistiller`: OFA-KD (Hao et al., NeurIPS 2023). Projector heads on intermediate
-  student stages plus the student's own logits are distilled against the teacher in one fused
-  :func:`~ofakd_fast.ofa_loss.ofa_loss_multi` call.
-* :class:`KDDistiller`: Hinton KD. :class:`VanillaDistiller`: ground truth only.
-
-The teacher is not a registered submodule: ``parameters()``, ``state_dict()``, ``train()`` and a
-DDP wrapper see only the student and the projectors, so the teacher stays frozen, in eval mode
-and out of checkpoints (load it separately). ``_apply`` forwards ``.to()``, ``.cuda()``,
-``.half()`` and ``.to(memory_format=...)`` to it so it always sits with the student.
-"""
+"""OFA-KD (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in
+Knowledge Distillation", NeurIPS 2023): projector heads on intermediate student stages plus the
+student's own logits, all distilled against the teacher in one fused
+:func:`~ofakd_fast.loss.ofa_loss_multi` call."""
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from timm.data import resolve_model_data_config
-from timm.layers import to_2tuple
 from torch import Tensor, nn
 
-from .ofa_loss import ofa_loss_multi
+from ..loss import ofa_loss_multi
+from .base import BaseDistiller, model_input_size, model_name
 from .projectors import SpatialProjector, TokenProjector, init_projector, merges_toward_final_grid
 
 PAPER_BLOCK_TAPS = (1, 3, 9, 11)  # blocks (from 0) a 12-block ViT exposes as stages 1-4 in the paper
-
-
-def total_loss(losses: Dict[str, Tensor]) -> Tensor:
-    """The training loss: the sum of the ``loss_*`` entries of a distiller's loss dict."""
-    return sum(value for key, value in losses.items() if key.startswith("loss_"))
-
-
-def model_name(model: nn.Module) -> str:
-    """The timm architecture name if the model has one, else its class name."""
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
 def stage_indices(model: nn.Module, stages: Sequence[int]) -> list:
@@ -62,90 +38,6 @@ def stage_indices(model: nn.Module, stages: Sequence[int]) -> list:
     return [stage_ends[first + stage - 1] for stage in stages]
 
 
-def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """The [C, H, W] a model is built for: its patch embedding's img_size if it has one, else timm's data config;
-    the channels of its first convolution (timm's config says 3 for a model built with in_chans=1)."""
-    channels, height, width = resolve_model_data_config(model)["input_size"]
-    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), channels)
-    img_size = next((m.img_size for m in model.modules() if getattr(m, "img_size", None) is not None), None)
-    if img_size is not None:
-        height, width = to_2tuple(img_size)
-    return channels, height, width
-
-
-class BaseDistiller(nn.Module):
-    """A registered student, a frozen unregistered teacher (see the module docstring) and the ground-truth loss."""
-
-    default_loss_weights = {"gt": 1.0}
-
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss_weights: Optional[dict] = None,
-                 gt_criterion: Optional[nn.Module] = None, label_smoothing: float = 0.0):
-        super().__init__()
-        unknown = set(loss_weights or {}) - set(self.default_loss_weights)
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown loss weights {sorted(unknown)}; "
-                             f"expected keys among {sorted(self.default_loss_weights)}")
-        self.loss_weights = {**self.default_loss_weights, **{k: float(v) for k, v in (loss_weights or {}).items()}}
-        self.student = student
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher)  # plain attribute: not registered
-        self.gt_criterion = gt_criterion
-        self.label_smoothing = float(label_smoothing)
-
-    @property
-    def teacher(self) -> Optional[nn.Module]:
-        return self._teacher
-
-    def _apply(self, fn, *args, **kwargs):
-        """Device, dtype and memory-format moves reach the unregistered teacher as well."""
-        super()._apply(fn, *args, **kwargs)
-        if self._teacher is not None:
-            self._teacher._apply(fn, *args, **kwargs)
-        return self
-
-    @torch.no_grad()
-    def teacher_logits(self, images: Tensor) -> Tensor:
-        return self._teacher(images)
-
-    def gt_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """`gt_criterion` if given; else cross-entropy, with soft labels [B, C] (mixup, cutmix) as soft
-        targets and label smoothing applied to hard labels [B] only (soft labels come smoothed)."""
-        if self.gt_criterion is not None:
-            return self.gt_criterion(logits, labels)
-        smoothing = self.label_smoothing if labels.dim() == 1 else 0.0
-        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
-
-
-class VanillaDistiller(BaseDistiller):
-    """Baseline without distillation: the ground-truth loss only. A teacher passed in is not kept."""
-
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, **kwargs):
-        super().__init__(student, None, **kwargs)
-
-    def forward(self, images: Tensor, labels: Tensor):
-        logits = self.student(images)
-        return logits, {"loss_gt": self.loss_weights["gt"] * self.gt_loss(logits, labels)}
-
-
-class KDDistiller(BaseDistiller):
-    """Hinton KD: KL(teacher || student) at temperature T, times T**2, plus the ground-truth loss."""
-
-    default_loss_weights = {"gt": 1.0, "kd": 1.0}
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 1.0, **kwargs):
-        super().__init__(student, teacher, **kwargs)
-        self.temperature = float(temperature)
-
-    def forward(self, images: Tensor, labels: Tensor):
-        logits_teacher = self.teacher_logits(images)
-        logits = self.student(images)
-        t = self.temperature
-        loss_kd = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(logits_teacher / t, dim=-1),
-                           reduction="batchmean", log_target=True) * t * t
-        return logits, {"loss_gt": self.loss_weights["gt"] * self.gt_loss(logits, labels),
-                        "loss_kd": self.loss_weights["kd"] * loss_kd}
-
 
 class OFADistiller(BaseDistiller):
     """OFA-KD: a projector per student stage maps its features to logits; every projector and the
@@ -158,8 +50,8 @@ class OFADistiller(BaseDistiller):
         stages: student stages (1-4) that get a projector; see :func:`stage_indices`.
         eps: the OFA exponent, one value or one per stage plus one for the final logits.
         temperature: the OFA temperature.
-        loss_weights: 'gt' (ground truth), 'kd' (OFA loss of the final logits), 'ofa' (applied to
-            the sum over the projector branches, as in the original).
+        loss_weights: 'gt' (ground truth), 'kd' (OFA loss of the final logits: ``loss_ofa_logits``), 'ofa'
+            (the sum over the projector branches: ``loss_ofa_stages``), named as the original's flags.
         gt_criterion, label_smoothing: see :meth:`BaseDistiller.gt_loss`.
         input_size: [C, H, W] of one probe pass at construction that reads the form and shape of the
             student's features; defaults to :func:`model_input_size`. It fixes the patch merging
@@ -175,6 +67,7 @@ class OFADistiller(BaseDistiller):
     """
 
     default_loss_weights = {"gt": 1.0, "kd": 1.0, "ofa": 1.0}
+    loss_names = ("loss_gt", "loss_ofa_logits", "loss_ofa_stages")
 
     def __init__(self, student: nn.Module, teacher: nn.Module, stages: Sequence[int] = (1, 2, 3, 4),
                  eps: Union[float, Sequence[float]] = 1.0, temperature: float = 1.0,
@@ -251,19 +144,6 @@ class OFADistiller(BaseDistiller):
         branch_losses = ofa_loss_multi(branches, logits_teacher, labels, self.eps, self.temperature,
                                        backend=self.backend,
                                        grad_weights=[weights["ofa"]] * len(self.projectors) + [weights["kd"]])
-        losses = {"loss_gt": weights["gt"] * self.gt_loss(logits, labels),
-                  "loss_kd": weights["kd"] * branch_losses[-1],
-                  "loss_ofa": weights["ofa"] * branch_losses[:-1].sum()}
-        names = [f"ofa_{name}" for name in self.projectors] + ["ofa_logits"]
-        losses.update(zip(names, branch_losses.detach()))
-        return logits, losses
-
-
-DISTILLERS = {"ofa": OFADistiller, "kd": KDDistiller, "vanilla": VanillaDistiller}
-
-
-def build_distiller(name: str, student: nn.Module, teacher: Optional[nn.Module], **kwargs) -> BaseDistiller:
-    """The distiller called `name` ('ofa', 'kd' or 'vanilla'), built with `kwargs`."""
-    if name not in DISTILLERS:
-        raise ValueError(f"unknown distiller {name!r}: expected one of {', '.join(map(repr, DISTILLERS))}")
-    return DISTILLERS[name](student, teacher, **kwargs)
+        return logits, {"loss_gt": weights["gt"] * self.gt_loss(logits, labels),
+                        "loss_ofa_logits": weights["kd"] * branch_losses[-1],
+                        "loss_ofa_stages": weights["ofa"] * branch_losses[:-1].sum()}

@@ -10,20 +10,51 @@ weights. Runs under torchrun too (each rank evaluates a shard; counts are summed
 """
 import argparse
 import json
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, Dict
 
 import torch
+from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
-from .data import DATASETS, build_loader, dataset_info
-from .train import (Distributed, MergeKwargs, UsageError, create_model, evaluate, kwargs_pair, nonneg_int,
-                    positive_int)
+from .checkpoint import load_checkpoint, load_weights
+from .flags import MergeKwargs, kwargs_pair, nonneg_int, positive_int
+from .data import DATASETS, DataConfig, build_dataset, dataset_info
+from .distributed import Distributed
+from .errors import UsageError, exit_on_user_error
+from .models import create_model
+from .sampling import build_loader
 
 INHERITED = ("model", "model_kwargs", "dataset", "data_dir", "img_size", "in_chans", "num_classes", "crop_pct",
              "interpolation")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_ctx: Callable, channels_last: bool,
+             ddp: Distributed) -> Dict[str, float]:
+    """Top-1, top-5 (in %) and cross-entropy of `model` over the whole loader, summed over ranks.
+
+    The sums stay on the device (one host synchronisation at the end, not one per batch)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for images, target in loader:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp_ctx():
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(target[:, None])
+        totals += torch.stack([nn.functional.cross_entropy(logits, target, reduction="sum").double(),
+                               hits[:, :1].any(dim=1).sum().double(), hits.any(dim=1).sum().double(),
+                               torch.tensor(float(len(target)), dtype=torch.float64, device=device)])
+    model.train(was_training)
+    loss_sum, top1, top5, count = ddp.all_sum(totals).tolist()
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,30 +100,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if not args.model:
         raise UsageError(f"--model: {path} carries no model name (not an ofakd-train checkpoint); pass --model")
-    # Fields the data helpers read; evaluation uses no augmentation.
-    for key, value in {"train_subset": 0, "subset_seed": 0, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3],
-                       "hflip": 0.0, "color_jitter": 0.0, "aa": None, "reprob": 0.0}.items():
-        setattr(args, key, value)
     return args
-
-
-def eval_dataset(args, info):
-    from .data import (TensorImageDataset, image_folder, image_folder_classes, load_cifar100, small_image_transform,
-                       timm_transform, SyntheticDataset)
-
-    if args.dataset == "imagefolder":
-        return image_folder(args.data_dir, "val", timm_transform(False, args, info), info.in_chans,
-                            image_folder_classes(args.data_dir))
-    if args.dataset == "synthetic":
-        return SyntheticDataset(256, info.in_chans, args.img_size, info.num_classes, seed=2)
-    if args.dataset == "cifar100":
-        images, labels = load_cifar100(args.data_dir, "test")
-    else:
-        from .mnist_data import load_mnist
-
-        images, labels = load_mnist("test", args.data_dir)
-    return TensorImageDataset(images, labels, small_image_transform(False, args.img_size, info.native_size, info.mean,
-                                                                    info.std, 0.0))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -100,14 +108,15 @@ def run(args: argparse.Namespace) -> dict:
     args = resolve(args)
     ddp = Distributed(args.device)
     try:
-        info = dataset_info(args)
+        config = DataConfig.from_namespace(args)
+        info = dataset_info(config)
         model = create_model(args.model, dict(args.model_kwargs), info.num_classes, info.in_chans, args.img_size,
                              "--model")
         load_weights(model, args.checkpoint, "--checkpoint", "model", prefer_ema=args.use_ema)
         model.to(ddp.device).eval()
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
-        dataset = eval_dataset(args, info)
+        dataset = build_dataset(config, info, "eval")
         loader = build_loader(dataset, args.batch_size, False, args.workers, 0, ddp.rank, ddp.world_size,
                               ddp.device.type == "cuda")
 
@@ -115,29 +124,26 @@ def run(args: argparse.Namespace) -> dict:
             return torch.autocast(ddp.device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
 
         metrics = evaluate(model, loader, ddp.device, amp_ctx, args.channels_last, ddp)
-        seconds = time.perf_counter() - start
         result = {"checkpoint": args.checkpoint, "model": args.model, "dataset": args.dataset, "images": len(dataset),
-                  "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"], "seconds": seconds,
-                  "ema": args.use_ema}
+                  **metrics, "seconds": time.perf_counter() - start, "ema": args.use_ema}
         if ddp.main:
-            print(f"{args.checkpoint}{' (EMA)' if args.use_ema else ''}: {args.model} on {args.dataset} "
-                  f"({len(dataset)} images): top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
-                  f"loss {metrics['loss']:.4f} ({seconds:.1f} s)", flush=True)
-            if args.results_file:
-                Path(args.results_file).write_text(json.dumps(result, indent=2))
+            report(result, args.results_file)
         return result
     finally:
         ddp.close()
 
 
+def report(result: dict, results_file) -> None:
+    print(f"{result['checkpoint']}{' (EMA)' if result['ema'] else ''}: {result['model']} on {result['dataset']} "
+          f"({result['images']} images): top-1 {result['top1']:.2f} top-5 {result['top5']:.2f} "
+          f"loss {result['loss']:.4f} ({result['seconds']:.1f} s)", flush=True)
+    if results_file:
+        Path(results_file).write_text(json.dumps(result, indent=2))
+
+
+@exit_on_user_error("ofakd-eval")
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"ofakd-eval: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How the C++ (and, where nvcc exists, CUDA) extensions are built.
 
 One place for sources and flags, used by ``setup.py`` at install time and by the
-just-in-time build in :mod:`ofakd_fast._extension`, so both produce the same module.
+just-in-time build in :mod:`ofakd_fast.loss.extension`, so both produce the same module.
 This file imports nothing from the package, so ``setup.py`` can load it by path.
 
 CUDA: the extension ``ofakd_fast._C_cuda`` is built when nvcc is found and PyTorch has CUDA
@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_EXTENSION = "ofakd_fast._C"
 CPU_SOURCES = ["ofa_loss_cpu.cpp"]
 

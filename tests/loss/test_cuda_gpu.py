@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
 
 import cuda_checks  # noqa: E402
 from ofakd_fast import available_backends, ofa_loss_multi  # noqa: E402
-from ofakd_fast._extension import cuda_extension_error  # noqa: E402
-from ofakd_fast.backends import backend_error, resolve_backend  # noqa: E402
-from ofakd_fast.reference import ofa_loss_multi_reference  # noqa: E402
+from ofakd_fast.loss.extension import cuda_extension_error  # noqa: E402
+from ofakd_fast.loss.backends import backend_error, resolve_backend  # noqa: E402
+from ofakd_fast.loss.reference import ofa_loss_multi_reference  # noqa: E402
 
 checks = cuda_checks.checks
 DEVICE = torch.device("cuda")

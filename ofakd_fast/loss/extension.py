@@ -17,32 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _build
-
-
-@functools.cache
-def cpu_extension_error() -> Optional[str]:
-    """None once ``torch.ops.ofakd_fast_C.fused_forward`` is registered, else why it is not."""
-    try:
-        importlib.import_module(_build.CPU_EXTENSION)
-        return None
-    except ImportError as installed_error:
-        missing = f"the installed extension {_build.CPU_EXTENSION} could not be imported ({installed_error})"
-    sources = _build.cpu_sources()
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name="ofakd_fast_C_jit", sources=sources, extra_cflags=_build.cxx_flags(),
-             extra_ldflags=_build.link_flags(), verbose=False)
-        return None
-    except Exception as build_error:  # any compiler or linker failure means: no CPU kernel
-        reason = (f"{missing}, and building it just in time from {_build.CSRC} failed "
-                  f"({type(build_error).__name__}: {str(build_error).strip().splitlines()[-1] if str(build_error).strip() else ''})")
-        warnings.warn(
-            f"ofakd_fast: the fused CPU kernel is unavailable: {reason}. Falling back to the PyTorch "
-            "reference (slow). Fix: install a C++ compiler and ninja, then `pip install --no-build-isolation -e .`.",
-            RuntimeWarning, stacklevel=2)
-        return reason
+from . import build
 
 
 def _last_line(error: Exception) -> str:
@@ -51,33 +26,57 @@ def _last_line(error: Exception) -> str:
 
 
 @functools.cache
+def cpu_extension_error() -> Optional[str]:
+    """None once ``torch.ops.ofakd_fast_C.fused_forward`` is registered, else why it is not."""
+    try:
+        importlib.import_module(build.CPU_EXTENSION)
+        return None
+    except ImportError as installed_error:
+        missing = f"the installed extension {build.CPU_EXTENSION} could not be imported ({installed_error})"
+    sources = build.cpu_sources()
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="ofakd_fast_C_jit", sources=sources, extra_cflags=build.cxx_flags(),
+             extra_ldflags=build.link_flags(), verbose=False)
+        return None
+    except Exception as build_error:  # any compiler or linker failure means: no CPU kernel
+        reason = f"{missing}, and building it just in time from {build.CSRC} failed ({_last_line(build_error)})"
+        warnings.warn(
+            f"ofakd_fast: the fused CPU kernel is unavailable: {reason}. Falling back to the PyTorch "
+            "reference (slow). Fix: install a C++ compiler and ninja, then `pip install --no-build-isolation -e .`.",
+            RuntimeWarning, stacklevel=2)
+        return reason
+
+
+@functools.cache
 def cuda_extension_error() -> Optional[str]:
     """None once the CUDA kernel of ``ofakd_fast_C::fused_forward`` is registered, else why it is not."""
     cpu_error = cpu_extension_error()
     if cpu_error is not None:
-        return f"the op is not defined, because the C++ extension {_build.CPU_EXTENSION} is missing: {cpu_error}"
+        return f"the op is not defined, because the C++ extension {build.CPU_EXTENSION} is missing: {cpu_error}"
     try:
-        importlib.import_module(_build.CUDA_EXTENSION)
+        importlib.import_module(build.CUDA_EXTENSION)
         return None
     except ImportError as installed_error:
-        missing = f"the CUDA extension {_build.CUDA_EXTENSION} is not installed ({installed_error})"
+        missing = f"the CUDA extension {build.CUDA_EXTENSION} is not installed ({installed_error})"
     if not torch.cuda.is_available():
         return f"{missing}; no CUDA GPU here to build it for just in time"
     try:
-        build, why_not = _build.cuda_build_decision()
+        should_build, why_not = build.cuda_build_decision()
     except RuntimeError as error:  # OFAKD_BUILD_CUDA=1 but impossible
-        build, why_not = False, str(error)
-    if not build:
+        should_build, why_not = False, str(error)
+    if not should_build:
         return f"{missing}, and it cannot be built here: {why_not}"
     try:
         from torch.utils.cpp_extension import load
 
-        _build.configure_cuda_build()
-        load(name="ofakd_fast_C_cuda_jit", sources=_build.cuda_sources(), extra_cflags=_build.cuda_cxx_flags(),
-             extra_cuda_cflags=_build.nvcc_flags(), verbose=False)
+        build.configure_cuda_build()
+        load(name="ofakd_fast_C_cuda_jit", sources=build.cuda_sources(), extra_cflags=build.cuda_cxx_flags(),
+             extra_cuda_cflags=build.nvcc_flags(), verbose=False)
         return None
     except Exception as build_error:  # any compiler or linker failure means: no CUDA kernel
-        reason = f"{missing}, and building it just in time from {_build.CSRC} failed ({_last_line(build_error)})"
+        reason = f"{missing}, and building it just in time from {build.CSRC} failed ({_last_line(build_error)})"
         warnings.warn(
             f"ofakd_fast: the CUDA kernel is unavailable: {reason}. backend='auto' uses Triton or the PyTorch "
             "reference on CUDA tensors. Fix: install the CUDA toolkit (nvcc), then "

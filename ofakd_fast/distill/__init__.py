@@ -1,0 +1,21 @@
+"""Distillers (a student, a frozen teacher and the training losses in one module) and OFA's projectors."""
+from typing import Optional
+
+from torch import nn
+
+from .base import BaseDistiller, VanillaDistiller, model_input_size, model_name, total_loss
+from .kd import KDDistiller
+from .ofa import OFADistiller, stage_indices
+
+DISTILLERS = {"ofa": OFADistiller, "kd": KDDistiller, "vanilla": VanillaDistiller}
+
+
+def build_distiller(name: str, student: nn.Module, teacher: Optional[nn.Module], **kwargs) -> BaseDistiller:
+    """The distiller called `name` ('ofa', 'kd' or 'vanilla'), built with `kwargs`."""
+    if name not in DISTILLERS:
+        raise ValueError(f"unknown distiller {name!r}: expected one of {', '.join(map(repr, DISTILLERS))}")
+    return DISTILLERS[name](student, teacher, **kwargs)
+
+
+__all__ = ["BaseDistiller", "VanillaDistiller", "KDDistiller", "OFADistiller", "DISTILLERS", "build_distiller",
+           "model_input_size", "model_name", "stage_indices", "total_loss"]

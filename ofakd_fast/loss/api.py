@@ -1,0 +1,147 @@
+"""The public loss API: ``ofa_loss`` (the original's drop-in), ``ofa_loss_multi`` and ``OFALoss``.
+
+Every entry checks its inputs (:mod:`.checks`), picks a backend (:mod:`.backends`) and runs the
+fused custom op (:mod:`.op`); ``backend='reference'`` runs the plain PyTorch oracle instead.
+"""
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .backends import resolve_backend
+from .checks import as_branches, branch_count, check_inputs
+from .op import REDUCTIONS, EagerOFALoss, loss_dtype, ofa_loss_op, row_grad_scale
+from .reference import ofa_loss_multi_reference
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_upstream(values: tuple, dtype: torch.dtype, reduction: int, batch: int) -> tuple:
+    """The announced upstream gradient [K] and the row factors the kernel scales gradients by (eager CPU)."""
+    upstream = _cached_constant(values, dtype)
+    return upstream, row_grad_scale(upstream, reduction, batch)
+
+
+def _constant_tensor(values: tuple, dtype: torch.dtype) -> Tensor:
+    """A small CPU tensor of `values` that nothing writes to (eps, upstream weights), made once per
+    distinct value in eager mode: a training loop passes the same few every step. Traced afresh
+    under torch.compile, where it becomes a constant of the graph."""
+    return torch.tensor(values, dtype=dtype) if torch.compiler.is_compiling() else _cached_constant(values, dtype)
+
+
+def _weight_tensor(weights: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The branch weights on the losses' device, copied there once per distinct value in eager mode
+    (a host-to-device copy per step would otherwise cost a CUDA synchronisation point)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(weights, dtype=dtype, device=device)
+    return _cached_weight_tensor(weights, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_weight_tensor(weights: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(weights, dtype=dtype, device=device)
+
+
+def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
+                    expected_upstream: Optional[Sequence[float]]) -> Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    branches, teacher, target, eps_values, temperature = check_inputs(
+        branch_logits, logits_teacher, target, eps, temperature)
+    if expected_upstream is not None and len(expected_upstream) != len(eps_values):
+        raise ValueError(f"grad_weights: expected {len(eps_values)} values (one per branch), "
+                         f"got {len(expected_upstream)}")
+    name = resolve_backend(backend, teacher.device)
+    if name == "reference":
+        split = [b for entry in branches for b in (entry.unbind(0) if entry.dim() == 3 else [entry])]
+        return ofa_loss_multi_reference(split, teacher, target, eps_values, temperature, reduction)
+    needs_grad = torch.is_grad_enabled() and (teacher.requires_grad or any(b.requires_grad for b in branches))
+    precompute = needs_grad and teacher.device.type == "cpu" and not torch.compiler.is_compiling()
+    upstream = grad_scale = None
+    if precompute:
+        values = expected_upstream if expected_upstream is not None else [1.0] * len(eps_values)
+        upstream, grad_scale = _cached_upstream(tuple(values), loss_dtype(teacher.dtype), REDUCTIONS[reduction],
+                                                teacher.shape[0])
+    eps_tensor = _constant_tensor(tuple(eps_values), torch.float64)
+    args = (teacher, target, eps_tensor, temperature, REDUCTIONS[reduction], name, upstream,
+            needs_grad and teacher.requires_grad)
+    if torch.compiler.is_compiling():
+        loss, _, _ = ofa_loss_op(branches, *args)
+    else:
+        loss, _, _ = EagerOFALoss.apply(*args, grad_scale, *branches)
+    return loss
+
+
+def ofa_loss_multi(branch_logits: Union[Tensor, Sequence[Tensor]], logits_teacher: Tensor, target: Tensor,
+                   eps: Union[float, Sequence[float]], temperature: float = 1.0, reduction: str = "mean",
+                   backend: str = "auto", grad_weights: Optional[Sequence[float]] = None) -> Tensor:
+    """OFA losses of K student branches against one teacher, all in one fused kernel call.
+
+    Args:
+        branch_logits: K tensors [B, C], or one [K, B, C] tensor (read in place, not copied).
+        logits_teacher: [B, C]. Gradients flow to it only if it requires grad.
+        target: int64 class indices [B], or one-hot / soft labels [B, C] (their argmax is the target).
+        eps: the exponent, one float or one per branch (each > 0).
+        temperature: T > 0.
+        reduction: 'mean' or 'sum' over rows gives [K]; 'none' gives [K, B].
+        backend: 'auto', 'cpu', 'cuda', 'triton' or 'reference' (see ``available_backends()``).
+        grad_weights: optional, one float per branch: the weight the caller gives each loss in the
+            training objective (default: all 1, as in ``losses.sum()``). A hint, not a weighting:
+            the losses are returned unweighted. On CPU the gradients are computed in the forward
+            pass for this upstream gradient; any other upstream is still exact (recomputed).
+    """
+    if grad_weights is not None:
+        grad_weights = [float(w) for w in grad_weights]
+    return _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
+                           grad_weights)
+
+
+def ofa_loss(logits_student: Tensor, logits_teacher: Tensor, target_mask: Tensor, eps: float,
+             temperature: float = 1.0, backend: str = "auto") -> Tensor:
+    """Drop-in for the original OFA-KD ``ofa_loss``: the mean over rows of one branch's loss.
+
+    `target_mask` is a one-hot or soft label tensor [B, C] (argmax is the target), or class indices [B].
+    """
+    return ofa_loss_multi([logits_student], logits_teacher, target_mask, [eps], temperature, "mean", backend)[0]
+
+
+class OFALoss(nn.Module):
+    """Weighted sum of the OFA losses of K branches, computed in one fused call.
+
+    ``forward(branch_logits, logits_teacher, target)`` returns ``sum_k weights[k] * L_k``
+    (a scalar; [B] for reduction='none'); ``last_losses`` keeps the detached per-branch L_k.
+    """
+
+    def __init__(self, eps: Union[float, Sequence[float]] = 1.0, temperature: float = 1.0,
+                 weights: Optional[Sequence[float]] = None, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+        self.eps = eps
+        self.temperature = temperature
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.reduction = reduction
+        self.backend = backend
+        self.last_losses: Optional[Tensor] = None
+
+    def forward(self, branch_logits, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        num_branches = sum(branch_count(entry) for entry in as_branches(branch_logits))
+        weights = self.weights if self.weights is not None else [1.0] * num_branches
+        if len(weights) != num_branches:
+            raise ValueError(f"weights: expected {num_branches} values (one per branch), got {len(weights)}")
+        losses = _fused_ofa_loss(branch_logits, logits_teacher, target, self.eps, self.temperature,
+                                 self.reduction, self.backend, weights)
+        self.last_losses = losses.detach()
+        weight_tensor = _weight_tensor(tuple(weights), losses.dtype, losses.device)
+        if self.reduction == "none":
+            return (losses * weight_tensor[:, None]).sum(dim=0)
+        return (losses * weight_tensor).sum()
+
+    def extra_repr(self) -> str:
+        return (f"eps={self.eps}, temperature={self.temperature}, weights={self.weights}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

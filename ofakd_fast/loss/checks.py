@@ -1,0 +1,101 @@
+"""Input checks of the public loss functions: shapes, dtypes, devices, eps, temperature, targets.
+
+Each error names the argument, what was wrong and what was expected. :func:`check_inputs`
+returns the inputs in the form the kernels take (class indices, rows with a dense class dim).
+"""
+import torch
+from torch import Tensor
+
+
+def branch_count(entry: Tensor) -> int:
+    """Branches in one entry of ``branch_logits``: K for a [K, B, C] tensor, 1 for a [B, C] one."""
+    return entry.shape[0] if entry.dim() == 3 else 1
+
+
+def as_branches(branch_logits) -> list:
+    if isinstance(branch_logits, Tensor):
+        if branch_logits.dim() != 3:
+            raise ValueError("branch_logits: expected one [K, B, C] tensor or a sequence of [B, C] tensors, "
+                             f"got a tensor of shape {tuple(branch_logits.shape)}")
+        return [branch_logits]
+    branches = list(branch_logits)
+    if not branches:
+        raise ValueError("branch_logits: expected at least one branch, got an empty sequence")
+    for k, entry in enumerate(branches):
+        if not isinstance(entry, Tensor):
+            raise TypeError(f"branch_logits[{k}]: expected a Tensor, got {type(entry).__name__}")
+        if entry.dim() != 2:
+            raise ValueError(f"branch_logits[{k}]: expected shape [B, C], got {tuple(entry.shape)}")
+    return branches
+
+
+def eps_values(eps, num_branches: int) -> list:
+    if isinstance(eps, Tensor):
+        eps = eps.tolist()
+    values = [eps] * num_branches if isinstance(eps, (int, float)) else list(eps)
+    if len(values) != num_branches:
+        raise ValueError(f"eps: expected one value or {num_branches} values (one per branch), got {len(values)}")
+    values = [float(v) for v in values]
+    for k, value in enumerate(values):
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"eps: every value must be a finite number > 0, got eps[{k}] = {value}")
+    return values
+
+
+def target_indices(target: Tensor, batch: int, classes: int, device: torch.device) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a Tensor of class indices [B] or labels [B, C], got {type(target).__name__}")
+    if target.device != device:
+        raise ValueError(f"target: expected a tensor on {device} like the logits, got one on {target.device}")
+    if target.dim() == 2:
+        if tuple(target.shape) != (batch, classes):
+            raise ValueError(f"target: a label tensor must be [B, C] = [{batch}, {classes}], got {tuple(target.shape)}")
+        return target.argmax(dim=1)
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"target: expected class indices of shape [{batch}] or labels [{batch}, {classes}], "
+                         f"got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"target: class indices must be an integer tensor, got {target.dtype}")
+    target = target.long()
+    # Checked on the host for CPU tensors only (no GPU sync); under torch.compile the kernel checks.
+    if device.type == "cpu" and not torch.compiler.is_compiling() and target.numel():
+        lowest, highest = torch.aminmax(target)
+        if int(lowest) < 0 or int(highest) >= classes:
+            bad = target[(target < 0) | (target >= classes)][0].item()
+            raise ValueError(f"target: class indices must lie in [0, {classes}), got {bad}")
+    return target
+
+
+def rows_contiguous(t: Tensor) -> Tensor:
+    """Keeps any row stride (slices of larger tensors are read in place); only the class dim must be dense."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def check_inputs(branch_logits, logits_teacher, target, eps, temperature):
+    branches = as_branches(branch_logits)
+    if not isinstance(logits_teacher, Tensor) or logits_teacher.dim() != 2:
+        got = tuple(logits_teacher.shape) if isinstance(logits_teacher, Tensor) else type(logits_teacher).__name__
+        raise ValueError(f"logits_teacher: expected a [B, C] tensor, got {got}")
+    batch, classes = logits_teacher.shape
+    dtype, device = branches[0].dtype, branches[0].device
+    for k, entry in enumerate(branches):
+        if entry.device != device or logits_teacher.device != device:
+            raise ValueError(f"branch_logits[{k}] is on {entry.device} but logits_teacher is on "
+                             f"{logits_teacher.device}: all logits must be on one device")
+        if tuple(entry.shape[-2:]) != (batch, classes):
+            what = "class count" if entry.shape[-2] == batch else "shape"
+            raise ValueError(f"branch_logits[{k}]: {what} mismatch, expected [B, C] = [{batch}, {classes}] like "
+                             f"logits_teacher, got {tuple(entry.shape[-2:])}")
+        if entry.dtype != dtype or not entry.dtype.is_floating_point:
+            raise TypeError(f"branch_logits[{k}]: expected floating-point logits of one dtype ({dtype}), got {entry.dtype}")
+    if not logits_teacher.dtype.is_floating_point:
+        raise TypeError(f"logits_teacher: expected floating-point logits, got {logits_teacher.dtype}")
+    temperature = float(temperature)
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    num_branches = sum(branch_count(entry) for entry in branches)
+    eps_list = eps_values(eps, num_branches)
+    target = target_indices(target, batch, classes, device)
+    # The teacher is read in the students' dtype: one kernel instantiation per dtype.
+    teacher = rows_contiguous(logits_teacher.to(dtype))
+    return [rows_contiguous(entry) for entry in branches], teacher, target, eps_list, temperature

@@ -1,0 +1,294 @@
+"""ofakd-train: distill a timm teacher into a timm student with OFA-KD, KD, or no distillation.
+
+    ofakd-train --config imagenet_cnn --data-dir /data/imagenet --model resnet18 \\
+        --teacher deit_tiny_patch16_224 --teacher-checkpoint deit_t.pth --output runs/r18_deit
+    torchrun --nproc_per_node=8 -m ofakd_fast.train --config imagenet_vit ...
+    ofakd-train --dataset synthetic --model resnet50 --teacher resnet101 --amp --channels-last  # throughput
+
+A preset (``--config NAME`` from ofakd_fast/train/configs/, or a YAML path) sets defaults; every flag
+given on the command line overrides it. The run directory (``--output``) gets the resolved
+``config.yaml``, ``summary.csv`` (one row per epoch), ``log.txt`` and the checkpoints ``last.pth``
+and ``best.pth``; ``--resume RUN_DIR_or_FILE`` continues where a run stopped, mid-epoch included.
+Under torchrun the distiller (student + projectors; the teacher is not a registered submodule) is
+wrapped once in DistributedDataParallel, on nccl with GPUs and gloo on CPUs; rank 0 logs and saves.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+
+from .data import DATASETS
+from .distributed import resolve_device
+from .errors import UsageError, exit_on_user_error
+from .flags import (MergeKwargs, kwargs_pair, nonneg_float, nonneg_int, number, positive_float, positive_int,
+                    probability, smoothing_value, ema_decay, stage_value)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DISTILLER_NAMES = ("ofa", "kd", "vanilla")
+OPTIMIZERS = ("sgd", "momentum", "adamw", "adam")  # timm names: 'sgd' is SGD with Nesterov momentum
+SCHEDULERS = ("step", "multistep", "cosine", "constant")
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ofakd-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--config", "-c", default=None, metavar="NAME_or_PATH",
+        help=f"YAML preset: a name from {CONFIG_DIR} ({', '.join(list_presets())}) or a file path")
+    _add_data_flags(parser)
+    _add_model_flags(parser)
+    _add_distillation_flags(parser)
+    _add_optimization_flags(parser)
+    _add_speed_flags(parser)
+    _add_run_flags(parser)
+    return parser
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="imagefolder", choices=DATASETS)
+    g.add_argument("--data-dir", default=None, help="imagefolder: the folder with train/ and val/; cifar100: the "
+                   "folder with cifar-100-python/; mnist: optional folder with the IDX files")
+    g.add_argument("--img-size", type=positive_int, default=224)
+    g.add_argument("--in-chans", type=positive_int, default=None, help="image channels (default: the dataset's)")
+    g.add_argument("--num-classes", type=positive_int, default=None, help="classes (default: the dataset's)")
+    g.add_argument("--train-subset", type=nonneg_int, default=0,
+                   help="train on this many images (class-balanced for cifar100/mnist); 0 = all")
+    g.add_argument("--subset-seed", type=int, default=0)
+    g.add_argument("--batch-size", "-b", type=positive_int, default=128, help="per process")
+    g.add_argument("--eval-batch-size", type=positive_int, default=None, help="per process (default: 2x batch size)")
+    g.add_argument("--workers", "-j", type=nonneg_int, default=4)
+    g.add_argument("--scale", type=probability, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+                   help="imagefolder: random-resized-crop area range")
+    g.add_argument("--ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"))
+    g.add_argument("--hflip", type=probability, default=0.5)
+    g.add_argument("--color-jitter", type=nonneg_float, default=0.4)
+    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument("--reprob", type=probability, default=0.0, help="random-erasing probability")
+    g.add_argument("--crop-pct", type=number(float, "crop fraction", 0, 1, low_open=True), default=None)
+    g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic", "nearest", "random"))
+    g.add_argument("--mixup", type=nonneg_float, default=0.0, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=nonneg_float, default=0.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--mixup-prob", type=probability, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=probability, default=0.5)
+    g.add_argument("--smoothing", type=smoothing_value, default=0.0, help="label smoothing")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--model", default="resnet18", help="student: a timm model name")
+    g.add_argument("--model-kwargs", type=kwargs_pair, nargs="*", action=MergeKwargs, default={},
+                   metavar="KEY=VALUE", help="extra timm.create_model arguments of the student")
+    g.add_argument("--initial-checkpoint", default=None, help="initial student weights")
+    g.add_argument("--drop", type=probability, default=0.0, help="student dropout rate")
+    g.add_argument("--drop-path", type=probability, default=None, help="student drop-path rate")
+    g.add_argument("--teacher", default=None, help="teacher: a timm model name (needed by ofa and kd)")
+    g.add_argument("--teacher-kwargs", type=kwargs_pair, nargs="*", action=MergeKwargs, default={},
+                   metavar="KEY=VALUE")
+    g.add_argument("--teacher-checkpoint", default=None,
+                   help="teacher weights: a state_dict or timm/ofakd checkpoint, .pth or .safetensors")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the student under DDP")
+
+
+def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--distiller", default="ofa", choices=DISTILLER_NAMES)
+    g.add_argument("--ofa-eps", type=positive_float, nargs="+", default=[1.0],
+                   help="OFA exponent: one value, or one per stage plus one for the logits")
+    g.add_argument("--ofa-stages", type=stage_value, nargs="+", default=[1, 2, 3, 4])
+    g.add_argument("--ofa-temperature", type=positive_float, default=1.0)
+    g.add_argument("--kd-temperature", type=positive_float, default=1.0, help="temperature of --distiller kd")
+    g.add_argument("--gt-loss-weight", type=nonneg_float, default=1.0)
+    g.add_argument("--kd-loss-weight", type=nonneg_float, default=1.0)
+    g.add_argument("--ofa-loss-weight", type=nonneg_float, default=1.0)
+
+
+def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--opt", default="sgd", choices=OPTIMIZERS,
+                   help="timm optimizer: sgd (Nesterov momentum), momentum (plain momentum), adamw, adam")
+    g.add_argument("--lr", type=positive_float, default=0.1)
+    g.add_argument("--momentum", type=number(float, "momentum", 0, 1, high_open=True), default=0.9)
+    g.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    g.add_argument("--clip-grad", type=positive_float, default=None, help="clip the gradient norm to this")
+    g.add_argument("--sched", default="step", choices=SCHEDULERS)
+    g.add_argument("--decay-epochs", type=positive_float, default=30, help="step: decay every this many epochs")
+    g.add_argument("--decay-milestones", type=positive_int, nargs="+", default=[30, 60, 90])
+    g.add_argument("--decay-rate", type=positive_float, default=0.1)
+    g.add_argument("--warmup-epochs", type=nonneg_int, default=0)
+    g.add_argument("--warmup-lr", type=nonneg_float, default=1e-5)
+    g.add_argument("--min-lr", type=nonneg_float, default=0.0)
+    g.add_argument("--sched-on-updates", action="store_true", help="update the lr every step, not every epoch")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the student (timm ModelEmaV3)")
+    g.add_argument("--model-ema-decay", type=ema_decay, default=0.9998)
+    g.add_argument("--model-ema-warmup", action="store_true")
+
+
+def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speed")
+    g.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast)")
+    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                   help="float16 (with a GradScaler) needs CUDA")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the distiller")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--threads", type=nonneg_int, default=0,
+                   help="torch intra-op CPU threads (0 = torch's default); 1 is faster on a busy machine")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--output", default=None, help="run directory (default: runs/<time>-<distiller>-<model>, or "
+                   "the resumed checkpoint's directory)")
+    g.add_argument("--resume", default=None, help="checkpoint file or run directory (its last.pth) to continue")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--log-interval", type=positive_int, default=50, help="progress line every N steps")
+    g.add_argument("--eval-interval", type=nonneg_int, default=1, help="evaluate every N epochs (0 = last only)")
+    g.add_argument("--checkpoint-interval", type=nonneg_int, default=0,
+                   help="also save last.pth every N steps inside an epoch (0 = at epoch ends only)")
+    g.add_argument("--steps-per-epoch", type=nonneg_int, default=0, help="cap the steps of each epoch (0 = all)")
+    g.add_argument("--stop-after-steps", type=nonneg_int, default=0,
+                   help="stop after this many steps in total, saving last.pth, as an interrupted run would")
+    g.add_argument("--quiet", action="store_true", help="no progress lines, only epoch summaries")
+
+
+def list_presets():
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_preset(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or os.sep in name:
+        if not path.is_file():
+            raise UsageError(f"--config: preset file not found: {name}")
+        return path
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"--config: unknown preset {name!r}; expected one of {', '.join(list_presets())} "
+                         "or a path to a .yaml file")
+    return path
+
+
+def preset_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """The preset's values, each checked and converted like the flag it stands for."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UsageError(f"--config {path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got a {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions:
+            raise UsageError(f"--config {path}: unknown key {key!r}; expected flag names such as "
+                             f"{', '.join(sorted(actions)[:8])}, ... (see ofakd-train --help)")
+        out[dest] = _preset_value(actions[dest], value, f"--config {path}: key {key!r}")
+    return out
+
+
+def _preset_value(action: argparse.Action, value, where: str):
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(action, MergeKwargs):
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: expected a mapping of argument names to values, got {value!r}")
+        return {str(k).replace("-", "_"): v for k, v in value.items()}
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not many and len(items) != 1:
+        raise UsageError(f"{where}: expected one value, got the list {value!r}")
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UsageError(f"{where}: expected {action.nargs} values, got {value!r}")
+    if action.nargs == "+" and not items:
+        raise UsageError(f"{where}: expected at least one value, got an empty list")
+    converted = []
+    for item in items:
+        if isinstance(item, (dict, list)):
+            raise UsageError(f"{where}: expected a plain value, got {item!r}")
+        if action.type is not None:
+            try:
+                item = action.type(item if isinstance(item, str) else str(item) if not isinstance(item, bool)
+                                   else item)
+            except argparse.ArgumentTypeError as error:
+                raise UsageError(f"{where}: {error}") from None
+        elif not isinstance(item, str):
+            raise UsageError(f"{where}: expected text, got {item!r}")
+        if action.choices is not None and item not in action.choices:
+            raise UsageError(f"{where}: invalid choice {item!r}; expected one of "
+                             f"{', '.join(map(str, action.choices))}")
+        converted.append(item)
+    return converted if many else converted[0]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cross-flag checks, once every value has its type; :class:`UsageError` on the first problem."""
+    stages = list(args.ofa_stages)
+    if len(set(stages)) != len(stages):
+        raise UsageError(f"--ofa-stages: expected distinct stages among 1 2 3 4, got {' '.join(map(str, stages))}")
+    if len(args.ofa_eps) not in (1, len(stages) + 1):
+        raise UsageError(f"--ofa-eps: expected 1 value or {len(stages) + 1} (one per stage of --ofa-stages "
+                         f"{' '.join(map(str, stages))} plus one for the logits), got {len(args.ofa_eps)}")
+    if args.distiller in ("ofa", "kd") and not args.teacher:
+        raise UsageError(f"--distiller {args.distiller} needs --teacher (a timm model name); "
+                         "use --distiller vanilla to train without a teacher")
+    if args.teacher_checkpoint and not args.teacher:
+        raise UsageError("--teacher-checkpoint needs --teacher (the timm model name the weights belong to)")
+    if args.amp and args.amp_dtype == "float16" and resolve_device(args.device).type != "cuda":
+        raise UsageError("--amp-dtype float16: expected a CUDA device (float16 autocast with a GradScaler runs on "
+                         "GPUs only); use --amp-dtype bfloat16 on CPU")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UsageError(f"--batch-size {args.batch_size}: expected an even batch size with --mixup/--cutmix "
+                         "(timm's Mixup mixes a batch with its reverse)")
+    if args.scale[0] > args.scale[1] or args.ratio[0] > args.ratio[1]:
+        raise UsageError("--scale/--ratio: expected MIN <= MAX")
+    if args.sched == "multistep" and sorted(args.decay_milestones) != list(args.decay_milestones):
+        raise UsageError(f"--decay-milestones: expected increasing epochs, got {args.decay_milestones}")
+    if args.dataset in ("imagefolder", "cifar100") and not args.data_dir:
+        raise UsageError(f"--dataset {args.dataset}: expected --data-dir (the dataset folder); "
+                         "only mnist (embedded) and synthetic need none")
+    import timm
+
+    for flag, name in (("--model", args.model), ("--teacher", args.teacher)):
+        if name and not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:6]
+            raise UsageError(f"{flag}: unknown timm model {name!r}" +
+                             (f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags over preset over defaults. Bad values exit with status 2 and a message naming the flag."""
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", "-c", default=None)
+    pre, _ = config_parser.parse_known_args(argv)
+    try:
+        if pre.config:
+            parser.set_defaults(**preset_defaults(parser, resolve_preset(pre.config)))
+        args = parser.parse_args(argv)
+        check_args(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return args
+
+
+@exit_on_user_error("ofakd-train")
+def main(argv=None):
+    from .loop import train
+
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The models of a run: timm's student and teacher, and the distiller built from the flags."""
+import argparse
+from typing import Optional
+
+from torch import nn
+
+from ..distill import BaseDistiller, build_distiller
+from .errors import UsageError
+
+
+def create_model(name: str, kwargs: dict, num_classes: int, in_chans: int, img_size: int, flag: str, **extra):
+    """timm.create_model(pretrained=False); img_size is passed to models that take it, unless given in kwargs."""
+    import timm
+
+    options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans,
+               **{k: v for k, v in extra.items() if v is not None}, **kwargs}
+    if "img_size" not in kwargs:
+        try:
+            return timm.create_model(name, img_size=img_size, **options)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise UsageError(f"{flag} {name}: timm.create_model failed with {options}: {error}") from None
+    try:
+        return timm.create_model(name, **options)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise UsageError(f"{flag} {name}: timm.create_model failed with {options}: {error}") from None
+
+
+def distiller_from_args(args: argparse.Namespace, student: nn.Module, teacher: Optional[nn.Module],
+                        input_size, mixup_active: bool) -> BaseDistiller:
+    """The distiller of ``--distiller`` with its flags; soft mixup labels come smoothed already."""
+    weights = {"gt": args.gt_loss_weight, "kd": args.kd_loss_weight, "ofa": args.ofa_loss_weight}
+    common = {"label_smoothing": 0.0 if mixup_active else args.smoothing}
+    if args.distiller == "vanilla":
+        return build_distiller("vanilla", student, None, loss_weights={"gt": weights["gt"]}, **common)
+    if args.distiller == "kd":
+        return build_distiller("kd", student, teacher, temperature=args.kd_temperature,
+                               loss_weights={"gt": weights["gt"], "kd": weights["kd"]}, **common)
+    eps = args.ofa_eps[0] if len(args.ofa_eps) == 1 else list(args.ofa_eps)
+    try:
+        return build_distiller("ofa", student, teacher, stages=tuple(args.ofa_stages), eps=eps,
+                               temperature=args.ofa_temperature, input_size=input_size, loss_weights=weights, **common)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--distiller ofa with --model {args.model}: {error}") from None
