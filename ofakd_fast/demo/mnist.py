@@ -53,7 +53,7 @@ def build_parser():
 def common_flags(opts) -> list:
     return ["--dataset", "mnist", "--img-size", "28", "--workers", str(opts.workers), "--seed", str(opts.seed),
             "--threads", str(opts.threads), "--log-interval", "1000000", "--eval-interval", "0",
-            "--eval-batch-size", "1000", "--quiet"]
+            "--eval-batch-size", "1000", "--quiet", "--overwrite"]
 
 
 def teacher_argv(opts, output: Path) -> list:

@@ -68,6 +68,9 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     requested = requested or "auto"
     if requested == "auto":
         requested = os.environ.get("OFAKD_BACKEND", "auto") or "auto"
+        if requested not in ("auto", *BACKENDS):
+            raise ValueError(f"the environment variable OFAKD_BACKEND={requested!r}: expected one of 'auto', "
+                             f"{', '.join(map(repr, BACKENDS))} (or unset it)")
     return _resolve(requested, torch.device(device).type)
 
 

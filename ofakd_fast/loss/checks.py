@@ -7,6 +7,13 @@ import torch
 from torch import Tensor
 
 
+# The kernels shift scaled logits by their row max with a fused multiply-add, x * (1/T) - max;
+# its single rounding can leave the largest term slightly above 0, harmless unless x / T is huge
+# (e.g. T = 1e-9: exp overflows). Below this temperature the logits are divided by T first (one
+# copy of each branch, exact), and the kernels run at T = 1.
+PRESCALE_BELOW_TEMPERATURE = 1e-2
+
+
 def branch_count(entry: Tensor) -> int:
     """Branches in one entry of ``branch_logits``: K for a [K, B, C] tensor, 1 for a [B, C] one."""
     return entry.shape[0] if entry.dim() == 3 else 1
@@ -50,7 +57,7 @@ def target_indices(target: Tensor, batch: int, classes: int, device: torch.devic
     if target.dim() == 2:
         if tuple(target.shape) != (batch, classes):
             raise ValueError(f"target: a label tensor must be [B, C] = [{batch}, {classes}], got {tuple(target.shape)}")
-        return target.argmax(dim=1)
+        return (target.to(torch.uint8) if target.dtype == torch.bool else target).argmax(dim=1)
     if target.dim() != 1 or target.shape[0] != batch:
         raise ValueError(f"target: expected class indices of shape [{batch}] or labels [{batch}, {classes}], "
                          f"got {tuple(target.shape)}")
@@ -93,9 +100,16 @@ def check_inputs(branch_logits, logits_teacher, target, eps, temperature):
     temperature = float(temperature)
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    if temperature < PRESCALE_BELOW_TEMPERATURE:
+        branches, logits_teacher = [entry / temperature for entry in branches], logits_teacher / temperature
+        temperature = 1.0
     num_branches = sum(branch_count(entry) for entry in branches)
     eps_list = eps_values(eps, num_branches)
     target = target_indices(target, batch, classes, device)
-    # The teacher is read in the students' dtype: one kernel instantiation per dtype.
-    teacher = rows_contiguous(logits_teacher.to(dtype))
+    # One kernel instantiation per dtype reads students and teacher alike: a teacher wider than the
+    # students (a float32 teacher, float16 students) lifts them to its dtype rather than being
+    # narrowed (a teacher logit of 1e5 is inf in float16); autograd casts their gradients back.
+    common = torch.promote_types(dtype, logits_teacher.dtype)
+    branches = [entry.to(common) for entry in branches]
+    teacher = rows_contiguous(logits_teacher.to(common))
     return [rows_contiguous(entry) for entry in branches], teacher, target, eps_list, temperature

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .backends import fused_forward
 from .checks import branch_count
+from .reference import ofa_loss_multi_reference
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -108,7 +109,27 @@ def _setup_context(ctx, inputs, output):
     ctx.precomputed = None if expected_upstream is None else (expected_upstream, output[1], output[2])
 
 
+def _differentiable_backward(ctx, grad_loss) -> tuple:
+    """Gradients that have a graph themselves (``create_graph=True``: a gradient penalty, double
+    backward), from autograd over the reference on the saved inputs: the fused kernels write
+    first-order gradients only, and a gradient detached from its graph would be silently wrong."""
+    teacher, target, eps, *branches = ctx.saved_tensors
+    temperature, reduction, _, teacher_grad = ctx.options
+    split = [b for entry in branches for b in (entry.unbind(0) if entry.dim() == 3 else [entry])]
+    reduction_name = next(name for name, code in REDUCTIONS.items() if code == reduction)
+    losses = ofa_loss_multi_reference(split, teacher, target, eps.tolist(), temperature, reduction_name)
+    inputs = [*branches, teacher] if teacher_grad else branches
+    wanted = [x for x in inputs if x.requires_grad]
+    found = iter(torch.autograd.grad(losses, wanted, grad_loss, create_graph=True, allow_unused=True))
+    grads = [next(found) if x.requires_grad else None for x in inputs]
+    grads = [torch.zeros_like(x) if g is None and x.requires_grad else g for g, x in zip(grads, inputs)]
+    return grads[:len(branches)], (grads[-1] if teacher_grad else None), None, None, None, None, None, None, None
+
+
 def _backward(ctx, grad_loss, _grad_of_grad_branches, _grad_of_grad_teacher):
+    if torch.is_grad_enabled():  # backward with create_graph=True
+        ctx.precomputed = None
+        return _differentiable_backward(ctx, grad_loss)
     teacher, target, eps, *branches = ctx.saved_tensors
     temperature, reduction, backend, teacher_grad = ctx.options
     precomputed, ctx.precomputed = ctx.precomputed, None

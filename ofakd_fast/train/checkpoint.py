@@ -41,7 +41,7 @@ def load_checkpoint(path, flag: str = "--resume") -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # empty (EOFError), text (UnpicklingError), truncated zip (RuntimeError), ...
         raise CheckpointError(f"{flag}: {path} is not a PyTorch checkpoint, or it is truncated "
-                              f"({type(error).__name__}: {str(error).strip().splitlines()[0][:160]})") from None
+                              f"({path.stat().st_size} bytes; torch.load raised {type(error).__name__})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{flag}: {path} holds a {type(state).__name__}, not a checkpoint or state_dict dict")
     return state

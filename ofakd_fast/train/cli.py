@@ -145,6 +145,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None, help="run directory (default: runs/<time>-<distiller>-<model>, or "
                    "the resumed checkpoint's directory)")
     g.add_argument("--resume", default=None, help="checkpoint file or run directory (its last.pth) to continue")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output (its checkpoints, summary and log); without it an "
+                        "existing run directory is refused unless --resume continues it")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=positive_int, default=50, help="progress line every N steps")
     g.add_argument("--eval-interval", type=nonneg_int, default=1, help="evaluate every N epochs (0 = last only)")

@@ -48,6 +48,10 @@ class Distributed:
             dist.all_reduce(values)
         return values
 
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
     def gather(self, obj) -> list:
         """`obj` of every rank, in rank order (picklable objects, e.g. RNG states)."""
         if not self.enabled:

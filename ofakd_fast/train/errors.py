@@ -1,8 +1,8 @@
 """The project's own error types, and how the command-line tools report them.
 
 A :class:`UsageError` (a bad flag or preset value), :class:`DataError` (a dataset that is
-missing or unreadable) or :class:`CheckpointError` (a weight file that is missing, unreadable or
-does not fit) is the user's to fix: the CLIs print its one-line message and exit with status 2.
+missing or unreadable), :class:`CheckpointError` (a weight file that is missing, unreadable or
+does not fit) or :class:`DivergedError` (the training diverged) is the user's to fix: the CLIs print its one-line message and exit with status 2.
 Any other exception is a bug or an environment problem and keeps its traceback.
 """
 import functools
@@ -25,7 +25,11 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or whose weights do not fit the model."""
 
 
-USER_ERRORS = (UsageError, DataError, CheckpointError)
+class DivergedError(FloatingPointError):
+    """A non-finite loss or parameter: the run stops before any checkpoint is written from it."""
+
+
+USER_ERRORS = (UsageError, DataError, CheckpointError, DivergedError)
 
 
 def exit_on_user_error(prog: str):

@@ -8,7 +8,6 @@ logs and saves. A checkpoint holds everything an exact resume needs, mid-epoch i
 per-rank RNG states, the scheduler, and the running loss sums of the interrupted epoch.
 """
 import argparse
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,11 +21,16 @@ from ..distill import total_loss
 from .checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .data import DataConfig, build_dataset, dataset_info
 from .distributed import Distributed
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptImageError, DataError, DivergedError, UsageError
 from .evaluate import evaluate
 from .models import create_model, distiller_from_args
+from .resume import check_resume_args
 from .rundir import Logger, append_summary, default_run_dir, format_seconds, plain, trim_summary, write_config
 from .sampling import build_loader
+
+
+RUN_RESULTS = ("last.pth", "best.pth", "summary.csv")  # what a run directory holds that --output must not destroy
+RUN_FILES = RUN_RESULTS + ("config.yaml", "log.txt")
 
 
 @dataclass
@@ -46,8 +50,11 @@ class Trainer:
         self.args, self.ddp, self.device = args, ddp, ddp.device
         self.job_start = time.perf_counter()
         resume_state = load_checkpoint(args.resume, "--resume") if args.resume else None
+        changed_flags = check_resume_args(resume_state.get("args") or {}, plain(vars(args))) if resume_state else []
         self.run_dir = self._open_run_dir()
         self.log = Logger(ddp.main, self.run_dir / "log.txt")
+        if changed_flags:
+            self.log(f"resuming with changed flags: {'; '.join(changed_flags)}")
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         self.data_config = DataConfig.from_namespace(args)
         self.info = dataset_info(self.data_config)
@@ -61,6 +68,7 @@ class Trainer:
         self.model = self._wrap(self.distiller)
         self._seed_step_rngs((resume_state or {}).get("rng"))
         self.run_steps, self.run_train_seconds = 0, 0.0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._log_start()
 
     # ------------------------------------------------------------------------------------------ building
@@ -73,6 +81,15 @@ class Trainer:
             run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         else:
             run_dir = default_run_dir(args.distiller, args.model)
+        existing = [] if args.resume else [name for name in RUN_FILES if (run_dir / name).exists()]
+        results = [name for name in existing if name in RUN_RESULTS]
+        if results and not args.overwrite:
+            raise UsageError(f"--output {run_dir}: holds a run ({', '.join(results)}); continue it with "
+                             f"--resume {run_dir}, choose another --output, or pass --overwrite to replace it")
+        self.ddp.barrier()  # every rank has looked before rank 0 writes
+        if self.ddp.main:
+            for name in existing:  # a run replaced (--overwrite), or one that died before its first checkpoint
+                (run_dir / name).unlink()
         if self.ddp.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_config(run_dir, args)
@@ -189,7 +206,9 @@ class Trainer:
                 "arch": self.args.model, "args": {k: plain(v) for k, v in vars(self.args).items()}}
 
     def save(self, names: tuple, state: dict) -> None:
-        """Writes `state` under each name in the run directory (rank 0), with every rank's RNG state."""
+        """Writes `state` under each name in the run directory (rank 0), with every rank's RNG state;
+        never a diverged state (:meth:`ensure_finite`)."""
+        self.ensure_finite()
         rngs = self.ddp.gather(rng_state())
         if self.ddp.main:
             state["rng"] = rngs
@@ -279,8 +298,10 @@ class Trainer:
         for images, target in self.train_loader:
             if step >= self.steps_per_epoch:
                 break
-            sums += self.train_step(images.to(self.device, non_blocking=True),
-                                    target.to(self.device, non_blocking=True))
+            step_losses = self.train_step(images.to(self.device, non_blocking=True),
+                                          target.to(self.device, non_blocking=True))
+            sums += step_losses
+            self._note_non_finite(step_losses[0])
             step, steps_in_sums, self.run_steps = step + 1, steps_in_sums + 1, self.run_steps + 1
             if step % args.log_interval == 0 or step == self.steps_per_epoch:
                 self._log_progress(epoch, step, sums / steps_in_sums, epoch_start)
@@ -308,13 +329,31 @@ class Trainer:
             return sums + torch.tensor(partial["sums"], dtype=torch.float64, device=self.device), partial["steps"]
         return sums, 0
 
+    def _note_non_finite(self, loss: torch.Tensor) -> None:
+        """Records on the device (no host synchronisation) the first step whose loss is not finite."""
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, self.progress.global_step, self.first_bad_step)
+
+    def ensure_finite(self) -> None:
+        """A :class:`DivergedError` naming the step once a loss or a parameter is not finite: checked
+        at every progress line and before every checkpoint, so no checkpoint holds a diverged state."""
+        bad_step = int(self.first_bad_step)
+        if bad_step >= 0:
+            what = "the loss is not finite"
+        elif torch.stack([p.isfinite().all() for p in self.distiller.parameters()]).all():
+            return
+        else:
+            what, bad_step = "a parameter is not finite", self.progress.global_step
+        epoch, step_in_epoch = divmod(bad_step - 1, self.steps_per_epoch)
+        raise DivergedError(f"epoch {epoch + 1} step {step_in_epoch + 1} (step {bad_step} of the run): {what}; "
+                            f"stopped before saving it (the last good checkpoint in {self.run_dir} is kept). Lower "
+                            "--lr, use --clip-grad, or check the data and teacher")
+
     def _log_progress(self, epoch: int, step: int, mean_losses: torch.Tensor, epoch_start: float) -> None:
-        mean = mean_losses.tolist()
-        if not math.isfinite(mean[0]):
-            raise FloatingPointError(f"epoch {epoch + 1} step {step}: the loss is {mean[0]}; lower "
-                                     "--lr, use --clip-grad, or check the data and teacher")
+        self.ensure_finite()
         if self.args.quiet:
             return
+        mean = mean_losses.tolist()
         images_per_step = self.args.batch_size * self.ddp.world_size
         elapsed = self.run_train_seconds + time.perf_counter() - epoch_start
         rate = self.run_steps * images_per_step / max(elapsed, 1e-9)
@@ -338,7 +377,9 @@ class Trainer:
                          "img_per_sec": f"{images / max(seconds, 1e-9):.1f}", "epoch_seconds": f"{seconds:.2f}"}
         message = f"epoch {epoch_done}/{args.epochs} train loss {means[0]:.4f}"
         due = epoch_done == args.epochs or (args.eval_interval and epoch_done % args.eval_interval == 0) or stopped
-        eval_metrics, metric = self.validate() if due else (self._blank_eval(), None)
+        if due:  # saved before evaluating: an evaluation that fails (a corrupt image) does not cost the epoch
+            self.save(("last.pth",), self.checkpoint_state(epoch_done, 0))
+        eval_metrics, metric = self.validate(epoch_done) if due else (self._blank_eval(), None)
         if due:
             message += f" | eval top-1 {eval_metrics['top1']:.2f} top-5 {eval_metrics['top5']:.2f}"
             message += f" | ema top-1 {eval_metrics['ema_top1']:.2f}" if self.ema is not None else ""
@@ -357,10 +398,15 @@ class Trainer:
         keys = ("loss", "top1", "top5") + (("ema_top1", "ema_top5") if self.ema is not None else ())
         return dict.fromkeys(keys)
 
-    def validate(self):
+    def validate(self, epoch_done: int):
         """The student's (and the EMA's) evaluation metrics, and the one that picks the best checkpoint."""
         ctx, channels_last = self.amp_context, self.args.channels_last
-        self.last_eval = evaluate(self.distiller.student, self.eval_loader, self.device, ctx, channels_last, self.ddp)
+        try:
+            self.last_eval = evaluate(self.distiller.student, self.eval_loader, self.device, ctx, channels_last,
+                                      self.ddp)
+        except CorruptImageError as error:
+            raise DataError(f"evaluation split: {error}; epoch {epoch_done} is saved in {self.run_dir / 'last.pth'}: "
+                            f"fix or remove the file, then --resume {self.run_dir}") from None
         metrics, metric = dict(self.last_eval), self.last_eval["top1"]
         if self.ema is not None:
             ema_eval = evaluate(self.ema.module, self.eval_loader, self.device, ctx, channels_last, self.ddp)

@@ -9,21 +9,21 @@ from .errors import UsageError
 
 
 def create_model(name: str, kwargs: dict, num_classes: int, in_chans: int, img_size: int, flag: str, **extra):
-    """timm.create_model(pretrained=False); img_size is passed to models that take it, unless given in kwargs."""
+    """timm.create_model(pretrained=False); img_size is passed to models that take it, unless given in kwargs.
+    Any failure inside timm (bad model kwargs) is a :class:`UsageError` naming the flag."""
     import timm
 
     options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans,
                **{k: v for k, v in extra.items() if v is not None}, **kwargs}
-    if "img_size" not in kwargs:
+    attempts = [options] if "img_size" in kwargs else [{**options, "img_size": img_size}, options]
+    for attempt in attempts:
         try:
-            return timm.create_model(name, img_size=img_size, **options)
-        except TypeError as error:
-            if "img_size" not in str(error):
-                raise UsageError(f"{flag} {name}: timm.create_model failed with {options}: {error}") from None
-    try:
-        return timm.create_model(name, **options)
-    except (TypeError, ValueError, AssertionError) as error:
-        raise UsageError(f"{flag} {name}: timm.create_model failed with {options}: {error}") from None
+            return timm.create_model(name, **attempt)
+        except Exception as error:  # bad kwargs fail anywhere inside timm's constructors
+            if isinstance(error, TypeError) and "img_size" in str(error) and attempt is not attempts[-1]:
+                continue  # a model that takes no img_size
+            raise UsageError(f"{flag} {name}: timm.create_model failed with {options} ({type(error).__name__}: "
+                             f"{error}); check {flag}-kwargs") from None
 
 
 def distiller_from_args(args: argparse.Namespace, student: nn.Module, teacher: Optional[nn.Module],
