@@ -12,13 +12,35 @@ DDP wrapper see only what is trained, so the teacher stays frozen, in eval mode 
 checkpoints (load it separately). ``_apply`` forwards ``.to()``, ``.cuda()``, ``.half()`` and
 ``.to(memory_format=...)`` to it so it always sits with the student.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from timm.layers import to_2tuple
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class HyperParameter:
+    """One hyper-parameter of a distiller: its constructor argument, its ofakd-train flag (which the
+    trainer adds for every registered distiller) and default, and the values it accepts."""
+    argument: str
+    flag: str
+    default: float
+    help: str
+    low: Optional[float] = 0.0  # the smallest value accepted (None: any)
+    low_open: bool = False  # True: `low` itself is refused
+    kind: type = float
+
+    def check(self, value, owner: str) -> float:
+        """`value` converted to `kind`; a ValueError naming the argument and flag when out of range."""
+        value = self.kind(value)
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            bound = f"> {self.low}" if self.low_open else f">= {self.low}"
+            raise ValueError(f"{owner}: {self.argument} ({self.flag}) must be {bound}, got {value}")
+        return value
 
 
 def total_loss(losses: Dict[str, Tensor]) -> Tensor:
@@ -48,6 +70,9 @@ class BaseDistiller(nn.Module):
 
     default_loss_weights = {"gt": 1.0}
     loss_names: Tuple[str, ...] = ("loss_gt",)
+    hyper_parameters: Tuple[HyperParameter, ...] = ()
+    needs_teacher = True  # False: trains without one (the teacher flags are ignored)
+    needs_sample_index = False  # True: forward(images, labels, sample_index) gets the dataset index of each image
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss_weights: Optional[dict] = None,
                  gt_criterion: Optional[nn.Module] = None, label_smoothing: float = 0.0):
@@ -109,6 +134,8 @@ class BaseDistiller(nn.Module):
 
 class VanillaDistiller(BaseDistiller):
     """Baseline without distillation: the ground-truth loss only. A teacher passed in is not kept."""
+
+    needs_teacher = False
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, **kwargs):
         super().__init__(student, None, **kwargs)

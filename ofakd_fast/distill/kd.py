@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BaseDistiller
+from .base import BaseDistiller, HyperParameter
 
 
 class KDDistiller(BaseDistiller):
@@ -10,10 +10,11 @@ class KDDistiller(BaseDistiller):
 
     default_loss_weights = {"gt": 1.0, "kd": 1.0}
     loss_names = ("loss_gt", "loss_kd")
+    hyper_parameters = (HyperParameter("temperature", "--kd-temperature", 1.0, "KD temperature", low_open=True),)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 1.0, **kwargs):
         super().__init__(student, teacher, **kwargs)
-        self.temperature = float(temperature)
+        self.temperature = self.hyper_parameters[0].check(temperature, type(self).__name__)
 
     def forward(self, images: Tensor, labels: Tensor):
         logits_teacher = self.teacher_logits(images)

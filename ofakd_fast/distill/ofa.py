@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import ofa_loss_multi
-from .base import BaseDistiller, model_input_size, model_name
+from .base import BaseDistiller, HyperParameter, model_input_size, model_name
 from .projectors import SpatialProjector, TokenProjector, init_projector, merges_toward_final_grid
 
 PAPER_BLOCK_TAPS = (1, 3, 9, 11)  # blocks (from 0) a 12-block ViT exposes as stages 1-4 in the paper
@@ -68,6 +68,7 @@ class OFADistiller(BaseDistiller):
 
     default_loss_weights = {"gt": 1.0, "kd": 1.0, "ofa": 1.0}
     loss_names = ("loss_gt", "loss_ofa_logits", "loss_ofa_stages")
+    hyper_parameters = (HyperParameter("temperature", "--ofa-temperature", 1.0, "OFA temperature", low_open=True),)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, stages: Sequence[int] = (1, 2, 3, 4),
                  eps: Union[float, Sequence[float]] = 1.0, temperature: float = 1.0,
@@ -86,7 +87,7 @@ class OFADistiller(BaseDistiller):
         if len(self.eps) != num_branches:
             raise ValueError(f"eps: expected one value or {num_branches} (one per stage {self.stages} plus one "
                              f"for the final logits), got {len(self.eps)}")
-        self.temperature = float(temperature)
+        self.temperature = self.hyper_parameters[0].check(temperature, type(self).__name__)
         self.backend = backend
 
         indices = stage_indices(student, self.stages)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ..distill import DISTILLERS
 from .data import DATASETS
 from .distributed import resolve_device
 from .errors import UsageError, exit_on_user_error
@@ -25,7 +26,6 @@ from .flags import (MergeKwargs, kwargs_pair, nonneg_float, nonneg_int, number, 
                     probability, smoothing_value, ema_decay, stage_value)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DISTILLER_NAMES = ("ofa", "kd", "vanilla")
 OPTIMIZERS = ("sgd", "momentum", "adamw", "adam")  # timm names: 'sgd' is SGD with Nesterov momentum
 SCHEDULERS = ("step", "multistep", "cosine", "constant")
 
@@ -94,16 +94,22 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
+    """--distiller, OFA's stages and eps, and every registered distiller's hyper-parameters and loss weights."""
     g = parser.add_argument_group("distillation")
-    g.add_argument("--distiller", default="ofa", choices=DISTILLER_NAMES)
+    g.add_argument("--distiller", default="ofa", choices=list(DISTILLERS))
     g.add_argument("--ofa-eps", type=positive_float, nargs="+", default=[1.0],
                    help="OFA exponent: one value, or one per stage plus one for the logits")
     g.add_argument("--ofa-stages", type=stage_value, nargs="+", default=[1, 2, 3, 4])
-    g.add_argument("--ofa-temperature", type=positive_float, default=1.0)
-    g.add_argument("--kd-temperature", type=positive_float, default=1.0, help="temperature of --distiller kd")
-    g.add_argument("--gt-loss-weight", type=nonneg_float, default=1.0)
-    g.add_argument("--kd-loss-weight", type=nonneg_float, default=1.0)
-    g.add_argument("--ofa-loss-weight", type=nonneg_float, default=1.0)
+    seen = set()
+    for name, distiller in DISTILLERS.items():
+        for hp in distiller.hyper_parameters:
+            if hp.flag not in seen:
+                seen.add(hp.flag)
+                g.add_argument(hp.flag, type=number(hp.kind, hp.flag, hp.low, low_open=hp.low_open),
+                               default=hp.default, help=f"{hp.help} (--distiller {name}; default {hp.default})")
+    for key in sorted({key for distiller in DISTILLERS.values() for key in distiller.default_loss_weights}):
+        g.add_argument(f"--{key}-loss-weight", type=nonneg_float, default=None,
+                       help=f"weight of the '{key}' loss (default: the distiller's own, see ofakd_fast/distill/)")
 
 
 def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
@@ -243,7 +249,7 @@ def check_args(args: argparse.Namespace) -> None:
     if len(args.ofa_eps) not in (1, len(stages) + 1):
         raise UsageError(f"--ofa-eps: expected 1 value or {len(stages) + 1} (one per stage of --ofa-stages "
                          f"{' '.join(map(str, stages))} plus one for the logits), got {len(args.ofa_eps)}")
-    if args.distiller in ("ofa", "kd") and not args.teacher:
+    if DISTILLERS[args.distiller].needs_teacher and not args.teacher:
         raise UsageError(f"--distiller {args.distiller} needs --teacher (a timm model name); "
                          "use --distiller vanilla to train without a teacher")
     if args.teacher_checkpoint and not args.teacher:

@@ -39,7 +39,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_ctx: Callable, 
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
-    for images, target in loader:
+    for images, target, *_ in loader:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         if channels_last:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..distill import total_loss
+from ..distill import DISTILLERS, total_loss
 from .checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .data import DataConfig, build_dataset, dataset_info
 from .distributed import Distributed
@@ -102,7 +102,7 @@ class Trainer:
                                "--model", drop_rate=args.drop or None, drop_path_rate=args.drop_path)
         if args.initial_checkpoint:
             load_weights(student, args.initial_checkpoint, "--initial-checkpoint", "student")
-        if not args.teacher or args.distiller == "vanilla":
+        if not args.teacher or not DISTILLERS[args.distiller].needs_teacher:
             return student, None
         teacher = create_model(args.teacher, args.teacher_kwargs, info.num_classes, info.in_chans, args.img_size,
                                "--teacher")
@@ -254,15 +254,16 @@ class Trainer:
                 break
         return self._result(stopped)
 
-    def train_step(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, target: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the detached [total, *loss entries] of this step."""
         args = self.args
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
             images, target = self.mixup(images, target)
+        keyed = (sample_index,) if self.distiller.needs_sample_index else ()
         with self.amp_context():
-            _, losses = self.model(images, target)
+            _, losses = self.model(images, target, *keyed)
         loss = total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -295,11 +296,12 @@ class Trainer:
         self.model.train()
         sums, steps_in_sums = self._epoch_sums(epoch == self.progress.epoch)
         epoch_start, step, stopped = time.perf_counter(), skip, False
-        for images, target in self.train_loader:
+        for images, target, sample_index in self.train_loader:
             if step >= self.steps_per_epoch:
                 break
             step_losses = self.train_step(images.to(self.device, non_blocking=True),
-                                          target.to(self.device, non_blocking=True))
+                                          target.to(self.device, non_blocking=True),
+                                          sample_index.to(self.device, non_blocking=True))
             sums += step_losses
             self._note_non_finite(step_losses[0])
             step, steps_in_sums, self.run_steps = step + 1, steps_in_sums + 1, self.run_steps + 1

@@ -1,10 +1,11 @@
 """The models of a run: timm's student and teacher, and the distiller built from the flags."""
 import argparse
+import inspect
 from typing import Optional
 
 from torch import nn
 
-from ..distill import BaseDistiller, build_distiller
+from ..distill import DISTILLERS, BaseDistiller, build_distiller
 from .errors import UsageError
 
 
@@ -28,17 +29,18 @@ def create_model(name: str, kwargs: dict, num_classes: int, in_chans: int, img_s
 
 def distiller_from_args(args: argparse.Namespace, student: nn.Module, teacher: Optional[nn.Module],
                         input_size, mixup_active: bool) -> BaseDistiller:
-    """The distiller of ``--distiller`` with its flags; soft mixup labels come smoothed already."""
-    weights = {"gt": args.gt_loss_weight, "kd": args.kd_loss_weight, "ofa": args.ofa_loss_weight}
-    common = {"label_smoothing": 0.0 if mixup_active else args.smoothing}
-    if args.distiller == "vanilla":
-        return build_distiller("vanilla", student, None, loss_weights={"gt": weights["gt"]}, **common)
-    if args.distiller == "kd":
-        return build_distiller("kd", student, teacher, temperature=args.kd_temperature,
-                               loss_weights={"gt": weights["gt"], "kd": weights["kd"]}, **common)
-    eps = args.ofa_eps[0] if len(args.ofa_eps) == 1 else list(args.ofa_eps)
+    """The distiller of ``--distiller`` with its hyper-parameter and loss-weight flags; soft mixup labels
+    come smoothed already, so label smoothing applies to hard labels only."""
+    cls = DISTILLERS[args.distiller]
+    kwargs = {hp.argument: getattr(args, hp.flag[2:].replace("-", "_")) for hp in cls.hyper_parameters}
+    weights = {key: getattr(args, f"{key}_loss_weight") for key in cls.default_loss_weights}
+    kwargs["loss_weights"] = {key: value for key, value in weights.items() if value is not None}
+    kwargs["label_smoothing"] = 0.0 if mixup_active else args.smoothing
+    if "input_size" in inspect.signature(cls.__init__).parameters:
+        kwargs["input_size"] = input_size
+    if args.distiller == "ofa":
+        kwargs.update(stages=tuple(args.ofa_stages), eps=args.ofa_eps[0] if len(args.ofa_eps) == 1 else list(args.ofa_eps))
     try:
-        return build_distiller("ofa", student, teacher, stages=tuple(args.ofa_stages), eps=eps,
-                               temperature=args.ofa_temperature, input_size=input_size, loss_weights=weights, **common)
+        return build_distiller(args.distiller, student, teacher if cls.needs_teacher else None, **kwargs)
     except (TypeError, ValueError) as error:
-        raise UsageError(f"--distiller ofa with --model {args.model}: {error}") from None
+        raise UsageError(f"--distiller {args.distiller} with --model {args.model}: {error}") from None

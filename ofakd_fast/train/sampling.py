@@ -65,7 +65,8 @@ class EpochSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Runs ``base[index]`` under the RNG seed ``key`` for items ``(key, index)``; restores the RNGs after."""
+    """Runs ``base[index]`` under the RNG seed ``key`` for items ``(key, index)`` and appends ``index`` to
+    the sample; restores the RNGs after."""
 
     def __init__(self, base: Dataset):
         self.base = base
@@ -83,7 +84,7 @@ class SeededDataset(Dataset):
             random.seed(key)
             np.random.seed(key % (2 ** 32))
             try:
-                return self.base[index]
+                return (*self.base[index], index)  # the index: for distillers keyed by sample (CRD's memory)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
