@@ -25,6 +25,20 @@ def _last_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
+def _build_just_in_time(kernel: str, missing: str, fallback: str, fix: str, **load_options) -> Optional[str]:
+    """Builds an extension with torch's just-in-time loader: None once built, else why not (warned once)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(verbose=False, **load_options)
+        return None
+    except Exception as build_error:  # any compiler or linker failure means: no such kernel
+        reason = f"{missing}, and building it just in time from {build.CSRC} failed ({_last_line(build_error)})"
+        warnings.warn(f"ofakd_fast: {kernel} is unavailable: {reason}. {fallback} Fix: {fix}, then "
+                      "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+        return reason
+
+
 @functools.cache
 def cpu_extension_error() -> Optional[str]:
     """None once ``torch.ops.ofakd_fast_C.fused_forward`` is registered, else why it is not."""
@@ -33,20 +47,10 @@ def cpu_extension_error() -> Optional[str]:
         return None
     except ImportError as installed_error:
         missing = f"the installed extension {build.CPU_EXTENSION} could not be imported ({installed_error})"
-    sources = build.cpu_sources()
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name="ofakd_fast_C_jit", sources=sources, extra_cflags=build.cxx_flags(),
-             extra_ldflags=build.link_flags(), verbose=False)
-        return None
-    except Exception as build_error:  # any compiler or linker failure means: no CPU kernel
-        reason = f"{missing}, and building it just in time from {build.CSRC} failed ({_last_line(build_error)})"
-        warnings.warn(
-            f"ofakd_fast: the fused CPU kernel is unavailable: {reason}. Falling back to the PyTorch "
-            "reference (slow). Fix: install a C++ compiler and ninja, then `pip install --no-build-isolation -e .`.",
-            RuntimeWarning, stacklevel=2)
-        return reason
+    return _build_just_in_time(
+        "the fused CPU kernel", missing, "Falling back to the PyTorch reference (slow).",
+        "install a C++ compiler and ninja", name="ofakd_fast_C_jit", sources=build.cpu_sources(),
+        extra_cflags=build.cxx_flags(), extra_ldflags=build.link_flags())
 
 
 @functools.cache
@@ -68,17 +72,8 @@ def cuda_extension_error() -> Optional[str]:
         should_build, why_not = False, str(error)
     if not should_build:
         return f"{missing}, and it cannot be built here: {why_not}"
-    try:
-        from torch.utils.cpp_extension import load
-
-        build.configure_cuda_build()
-        load(name="ofakd_fast_C_cuda_jit", sources=build.cuda_sources(), extra_cflags=build.cuda_cxx_flags(),
-             extra_cuda_cflags=build.nvcc_flags(), verbose=False)
-        return None
-    except Exception as build_error:  # any compiler or linker failure means: no CUDA kernel
-        reason = f"{missing}, and building it just in time from {build.CSRC} failed ({_last_line(build_error)})"
-        warnings.warn(
-            f"ofakd_fast: the CUDA kernel is unavailable: {reason}. backend='auto' uses Triton or the PyTorch "
-            "reference on CUDA tensors. Fix: install the CUDA toolkit (nvcc), then "
-            "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
-        return reason
+    build.configure_cuda_build()
+    return _build_just_in_time(
+        "the CUDA kernel", missing, "backend='auto' uses Triton or the PyTorch reference on CUDA tensors.",
+        "install the CUDA toolkit (nvcc)", name="ofakd_fast_C_cuda_jit", sources=build.cuda_sources(),
+        extra_cflags=build.cuda_cxx_flags(), extra_cuda_cflags=build.nvcc_flags())
