@@ -14,15 +14,17 @@ Design
   handles every branch of the launch as one 2-D tile ``[BRANCH_ROWS, BLOCK]`` (row k of the tile is
   branch k), so per-branch statistics are small ``[BRANCH_ROWS]`` vectors, the teacher gradient is a
   sum over the tile's rows, and all K + 1 logit rows are in flight together.
-* **Branch logits are read in place.** Triton has no arrays of pointer arguments, so the kernel
-  takes ``MAX_BRANCHES_PER_LAUNCH`` (8) pointer/row-stride argument pairs and a constexpr branch
-  count, and builds the tile's row pointers with a chain of selects; unused slots get the teacher
-  pointer and stride 0 and are never read. Compared with the alternatives: a table of addresses
-  cast to pointers (grouped-GEMM style) costs a device copy of the table per call, and a
-  ``torch.stack`` of the branches costs a full extra read and write of K B C logits. Stacked
-  ``[k, B, C]`` entries are split into k views; any row stride works. More than 8 branches are
-  handled by launching once per group of 8: the teacher row is then read once per group and the
-  teacher gradient accumulated across the launches (in an fp32/fp64 workspace for 16-bit inputs).
+* **Branch logits are read in place.** Triton has no arrays of pointers, but it takes tuples as
+  kernel arguments: the kernel gets a tuple of the launch's branch tensors and one of their row
+  strides (each element specialized like a plain argument), and builds the tile's row pointers with
+  a chain of selects unrolled over the constexpr branch count (``tl.static_range``). Compared with
+  the alternatives: a table of addresses cast to pointers (grouped-GEMM style) costs a device copy
+  of the table per call, and a ``torch.stack`` of the branches costs a full extra read and write of
+  K B C logits. Stacked ``[k, B, C]`` entries are split into k views; any row stride works. A launch
+  takes at most ``MAX_BRANCHES_PER_LAUNCH`` (8) branches (tile rows, registers and the number of
+  compiled variants stay bounded); more are handled by launching once per group of 8: the teacher
+  row is then read once per group and the teacher gradient accumulated across the launches (in an
+  fp32/fp64 workspace for 16-bit inputs).
   OFA uses K = 4 to 6, so the usual call is one launch. ``BRANCH_ROWS`` is the next power of two
   >= the branch count (Triton tiles are powers of two); padding rows are masked (no memory
   traffic) and their results discarded.
@@ -55,6 +57,19 @@ Design
   ``sum_c p_c dl/dp_c = eps * l_nontarget + h_y`` comes from the loss statistics, not an extra pass.
   Logits up to +-1e4 and eps up to 3 give finite results. An out-of-range target makes that row's
   loss and gradients NaN instead of reading out of bounds (no host sync to check it on GPU).
+
+Memory traffic (what the kernel must move; the [K, B] losses and per-row scalars are negligible)
+-------------------------------------------------------------------------------------------------
+Read (K + 1) B C logits, write K B C gradients (4 bytes each in fp32, 2 in bf16).
+  256 x 1000 x 5:  fp32 6.14 MB read + 5.12 MB written = 11.26 MB -> 3.75 us at 3 TB/s;
+                   bf16 5.63 MB -> 1.88 us. SINGLE_BLOCK moves exactly this (one read, one write).
+  256 x 21841 x 5: fp32 134.2 MB read + 111.8 MB written = 246.0 MB -> 82.0 us at 3 TB/s;
+                   bf16 123.0 MB -> 41.0 us. The column loop reads the logits a second time for
+                   the gradients (the K + 1 rows of one batch row are 524 KB in fp32, too much to
+                   keep on chip), so it moves up to 380.2 MB -> 126.7 us in fp32 (bf16 63.4 us),
+                   less when that second read hits L2.
+A teacher gradient adds B C written (22.4 MB fp32 at 256 x 21841). Exponentials per column:
+1 + K (+ K when some eps != 1) per pass; the loop makes two passes when gradients are wanted.
 
 Block size and warps (Liger-style table, on the tile's element count ``BRANCH_ROWS * BLOCK``)
 ----------------------------------------------------------------------------------------------
@@ -89,7 +104,7 @@ except ImportError as _exc:  # CPU-only PyTorch wheels ship without Triton: stay
 # ----------------------------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------------------------
-MAX_BRANCHES_PER_LAUNCH = 8  # pointer/stride argument pairs of the kernel
+MAX_BRANCHES_PER_LAUNCH = 8  # branches (tile rows) of one launch; more take several launches
 MAX_TILE_ELEMENTS = 8192  # BRANCH_ROWS * BLOCK per program with 4-byte math (half that with float64)
 # (largest tile in elements, num_warps): the first row whose bound the tile does not exceed.
 NUM_WARPS_TABLE = ((2048, 4), (4096, 8), (8192, 16), (float("inf"), 32))
@@ -134,39 +149,55 @@ def _column_mask(cols, C, VEC: tl.constexpr):
 
 
 @triton.jit
-def _branch_row_pointers(row, kidx,
-                         s0_ptr, s0_stride, s1_ptr, s1_stride, s2_ptr, s2_stride, s3_ptr, s3_stride,
-                         s4_ptr, s4_stride, s5_ptr, s5_stride, s6_ptr, s6_stride, s7_ptr, s7_stride,
-                         NUM_BRANCHES: tl.constexpr, VEC: tl.constexpr):
+def _branch_row_pointers(row, kidx, branch_ptrs, branch_strides, NUM_BRANCHES: tl.constexpr, VEC: tl.constexpr):
     """[BRANCH_ROWS] pointers to row `row` of each branch (padding rows point at branch 0), hinted
     VEC-element aligned like _row_start (a select of pointers loses the alignment of its operands)."""
-    ptrs = _row_start(s0_ptr, row * s0_stride, VEC) + tl.zeros_like(kidx)
-    if NUM_BRANCHES > 1:
-        ptrs = tl.where(kidx == 1, s1_ptr + row * s1_stride, ptrs)
-    if NUM_BRANCHES > 2:
-        ptrs = tl.where(kidx == 2, s2_ptr + row * s2_stride, ptrs)
-    if NUM_BRANCHES > 3:
-        ptrs = tl.where(kidx == 3, s3_ptr + row * s3_stride, ptrs)
-    if NUM_BRANCHES > 4:
-        ptrs = tl.where(kidx == 4, s4_ptr + row * s4_stride, ptrs)
-    if NUM_BRANCHES > 5:
-        ptrs = tl.where(kidx == 5, s5_ptr + row * s5_stride, ptrs)
-    if NUM_BRANCHES > 6:
-        ptrs = tl.where(kidx == 6, s6_ptr + row * s6_stride, ptrs)
-    if NUM_BRANCHES > 7:
-        ptrs = tl.where(kidx == 7, s7_ptr + row * s7_stride, ptrs)
+    ptrs = _row_start(branch_ptrs[0], row * branch_strides[0], VEC) + tl.zeros_like(kidx)
+    for k in tl.static_range(1, NUM_BRANCHES):
+        ptrs = tl.where(kidx == k, branch_ptrs[k] + row * branch_strides[k], ptrs)
     if NUM_BRANCHES > 1:
         ptrs = tl.multiple_of(ptrs, VEC * (ptrs.dtype.element_ty.primitive_bitwidth // 8))
     return ptrs
 
 
 @triton.jit
-def _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC: tl.constexpr):
-    """Teacher z = t / T [BLOCK] and students x = s / T [BRANCH_ROWS, BLOCK]; 0 where masked."""
+def _load_branch_params(eps_ptr, inv_t_ptr, kidx, branch_ok):
+    """1/T, eps [BRANCH_ROWS] (1 on padding rows) and whether every eps is 1 (then the weights are p)."""
+    inv_t = tl.load(inv_t_ptr)
+    eps = tl.load(eps_ptr + kidx, mask=branch_ok, other=1.0)
+    all_eps_one = tl.max(tl.abs(eps - 1.0), axis=0) == 0.0
+    return inv_t, eps, all_eps_one
+
+
+@triton.jit
+def _load_target(target_ptr, row, C):
+    """The row's target y and whether it is in [0, C); an out-of-range y reads column 0 (its row turns NaN)."""
+    y = tl.load(target_ptr + row)
+    target_ok = (y >= 0) & (y < C)
+    return tl.where(target_ok, y, 0), target_ok
+
+
+@triton.jit
+def _load_block(start, teacher_row_ptr, branch_row_ptrs, y, C, branch_ok, inv_t,
+                ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Columns start .. start + BLOCK: cols, col_ok (< C), off_target (< C and != y), teacher z = t / T
+    [BLOCK] and students x = s / T [BRANCH_ROWS, BLOCK] (0 where masked)."""
+    cols = start + tl.arange(0, BLOCK)
+    col_ok = _column_mask(cols, C, VEC)
+    off_target = col_ok & (cols != y)
     z = tl.load(teacher_row_ptr + cols, mask=col_ok, other=0.0).to(ACC) * inv_t
     x = tl.load(branch_row_ptrs[:, None] + cols[None, :], mask=branch_ok[:, None] & col_ok[None, :],
                 other=0.0).to(ACC) * inv_t
-    return z, x
+    return cols, col_ok, off_target, z, x
+
+
+@triton.jit
+def _initial_statistics(BRANCH_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """Empty-row values of the running statistics m_t, d_t (scalars), m_s, d_s, a_w, g_w ([BRANCH_ROWS])."""
+    zero_k = tl.zeros([BRANCH_ROWS], dtype=ACC)
+    m_t = tl.max(zero_k, axis=0) + float("-inf")
+    d_t = tl.sum(zero_k, axis=0)
+    return m_t, d_t, zero_k + float("-inf"), zero_k, zero_k, zero_k
 
 
 @triton.jit
@@ -203,20 +234,71 @@ def _online_update(z, x, col_ok, off_target, eps, all_eps_one, m_t, d_t, m_s, d_
 
 
 @triton.jit
-def _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, is_target, x, q, w_nt, p,
-                     m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum, TEACHER_GRAD: tl.constexpr):
-    """Stores this block of the student gradients; returns the block's teacher gradient (or p)."""
+def _row_loss(m_t, d_t, m_s, d_s, a_w, g_w, z_y, x_y, eps):
+    """Per-branch loss l from the finished row statistics, with the terms the gradients reuse.
+
+    w_c = u_c * weight_norm; S_nt = sum_{c != y} w_c; loss_nt = -sum_{c != y} w_c log q_c >= 0;
+    nlq_y = -log q_y >= 0. Returns (l, log d_t, log d_s, weight_norm, S_nt, loss_nt, p_y, w_y, nlq_y).
+    """
+    log_d_t = tl.log(d_t)
+    log_d_s = tl.log(d_s)
+    weight_norm = tl.exp(-eps * log_d_t)
+    s_nt = a_w * weight_norm
+    loss_nt = g_w * weight_norm + s_nt * log_d_s
+    p_y = tl.exp((z_y - m_t) - log_d_t)
+    w_y = _expm1_nonneg(eps * _log1p_nonneg(p_y))
+    nlq_y = (m_s - x_y) + log_d_s
+    loss = loss_nt + w_y * nlq_y
+    return loss, log_d_t, log_d_s, weight_norm, s_nt, loss_nt, p_y, w_y, nlq_y
+
+
+@triton.jit
+def _grad_coefficients(scale_ptr, scale_stride_k, scale_stride_b, row, kidx, branch_ok, target_ok, inv_t, eps,
+                       m_s, log_d_s, s_nt, p_y, w_y, nlq_y, loss_nt, ACC: tl.constexpr):
+    """Per-branch factors of every gradient column, as the tuple _store_grad_block takes:
+    (m_s, log d_s, S = S_nt + w_y, w_y, eps, grad_scale / T (NaN for a bad target), h_y, sum_c h_c)."""
+    scale = tl.load(scale_ptr + kidx * scale_stride_k + row * scale_stride_b, mask=branch_ok, other=0.0)
+    scale = tl.where(target_ok, scale.to(ACC) * inv_t, float("nan"))
+    weight_sum = s_nt + w_y
+    # h_y = p_y dl/dp_y = eps p_y (1 + p_y)^(eps - 1) (-log q_y), with (1 + p_y)^eps = 1 + w_y.
+    h_y = eps * p_y * ((1.0 + w_y) / (1.0 + p_y)) * nlq_y
+    h_sum = eps * loss_nt + h_y
+    return m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum
+
+
+@triton.jit
+def _recompute_block(z, x, col_ok, off_target, m_t, log_d_t, m_s, log_d_s, eps, all_eps_one):
+    """p [BLOCK], q and the off-target weights w_nt [BRANCH_ROWS, BLOCK] of one column block of the loop."""
+    # Masked columns are -inf here (exp -> 0). Subtract the max before log d: z - m_t is
+    # exact near the max, z - lse_t would round.
+    log_p = (tl.where(col_ok, z, float("-inf")) - m_t) - log_d_t
+    p = tl.exp(log_p)
+    q = tl.exp((tl.where(col_ok[None, :], x, float("-inf")) - m_s[:, None]) - log_d_s[:, None])
+    if all_eps_one:
+        w = p[None, :] + tl.zeros_like(x)
+    else:
+        w = tl.exp(eps[:, None] * log_p[None, :])
+    return p, q, tl.where(off_target[None, :], w, 0.0)
+
+
+@triton.jit
+def _store_grad_block(grad_row_ptrs, teacher_grad_row_ptr, cols, col_ok, branch_ok, is_target, x, q, w_nt, p,
+                      coef, TEACHER_GRAD: tl.constexpr, TEACHER_ACCUMULATE: tl.constexpr):
+    """Stores one column block of the student gradients and, with TEACHER_GRAD, of the teacher
+    gradient (added to what an earlier launch stored there with TEACHER_ACCUMULATE)."""
+    m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum = coef
     w = tl.where(is_target[None, :], w_y[:, None], w_nt)
     g = (weight_sum[:, None] * q - w) * scale[:, None]
     tl.store(grad_row_ptrs[:, None] + cols[None, :], g.to(grad_row_ptrs.dtype.element_ty),
              mask=branch_ok[:, None] & col_ok[None, :])
-    dt = p
     if TEACHER_GRAD:
         # h_c = p_c dl/dp_c = -eps w_c log q_c off the target; dl/dt_c = (h_c - p_c sum_j h_j) / T.
         log_q = (x - m_s[:, None]) - log_d_s[:, None]  # shift first: exact near the max
         h = tl.where(is_target[None, :], h_y[:, None], -eps[:, None] * w_nt * log_q)
         dt = tl.sum(scale[:, None] * (h - p[None, :] * h_sum[:, None]), axis=0)
-    return dt
+        if TEACHER_ACCUMULATE:
+            dt += tl.load(teacher_grad_row_ptr + cols, mask=col_ok, other=0.0).to(dt.dtype)
+        tl.store(teacher_grad_row_ptr + cols, dt.to(teacher_grad_row_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,139 +306,64 @@ def _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, is_target, x, q, w_
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _ofa_fused_kernel(
-    s0_ptr, s0_stride, s1_ptr, s1_stride, s2_ptr, s2_stride, s3_ptr, s3_stride,
-    s4_ptr, s4_stride, s5_ptr, s5_stride, s6_ptr, s6_stride, s7_ptr, s7_stride,
-    teacher_ptr, teacher_stride,
-    target_ptr,
-    eps_ptr,  # [NUM_BRANCHES] math dtype
-    inv_t_ptr,  # [1] math dtype
+    branch_ptrs, branch_strides,  # NUM_BRANCHES-tuples: [B, C] logits (rows contiguous) and row strides
+    teacher_ptr, teacher_stride, target_ptr,
+    eps_ptr, inv_t_ptr,  # eps [NUM_BRANCHES] and 1/T [1], math dtype
     scale_ptr, scale_stride_k, scale_stride_b,  # grad_scale [NUM_BRANCHES, B] (any strides), math dtype
     loss_ptr,  # [NUM_BRANCHES, B] math dtype
     grad_ptr,  # [NUM_BRANCHES, B, C] contiguous, input dtype
     teacher_grad_ptr,  # [B, C] contiguous, input dtype (or math dtype when accumulating)
     B, C,
-    NUM_BRANCHES: tl.constexpr,
-    BRANCH_ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
-    WANT_GRAD: tl.constexpr,
-    TEACHER_GRAD: tl.constexpr,
-    TEACHER_ACCUMULATE: tl.constexpr,
-    VEC: tl.constexpr,
+    NUM_BRANCHES: tl.constexpr, BRANCH_ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    WANT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, TEACHER_ACCUMULATE: tl.constexpr, VEC: tl.constexpr,
 ):
-    """One program per batch row: losses (and gradients) of all NUM_BRANCHES branches of that row.
-
-    Bytes one call must move: read (K + 1) B C logits, write K B C gradients (4 bytes each in fp32,
-    2 in bf16); the [K, B] losses and per-row scalars are negligible.
-      256 x 1000 x 5:  fp32 6.14 MB read + 5.12 MB written = 11.26 MB -> 3.75 us at 3 TB/s;
-                       bf16 5.63 MB -> 1.88 us. SINGLE_BLOCK moves exactly this (one read, one write).
-      256 x 21841 x 5: fp32 134.2 MB read + 111.8 MB written = 246.0 MB -> 82.0 us at 3 TB/s;
-                       bf16 123.0 MB -> 41.0 us. The column loop reads the logits a second time for
-                       the gradients (the K + 1 rows of one batch row are 524 KB in fp32, too much to
-                       keep on chip), so it moves up to 380.2 MB -> 126.7 us in fp32 (bf16 63.4 us),
-                       less when that second read hits L2.
-    A teacher gradient adds B C written (22.4 MB fp32 at 256 x 21841). Exponentials per column:
-    1 + K (+ K when some eps != 1) per pass; the loop makes two passes when gradients are wanted.
-    """
+    """One program per batch row: losses (and gradients) of all NUM_BRANCHES branches of that row
+    (design and memory traffic: module doc)."""
     ACC = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
     row = tl.program_id(0).to(tl.int64)
     kidx = tl.arange(0, BRANCH_ROWS)
     branch_ok = kidx < NUM_BRANCHES
-
-    inv_t = tl.load(inv_t_ptr)
-    eps = tl.load(eps_ptr + kidx, mask=branch_ok, other=1.0)
-    all_eps_one = tl.max(tl.abs(eps - 1.0), axis=0) == 0.0
-
-    y = tl.load(target_ptr + row)
-    target_ok = (y >= 0) & (y < C)
-    y = tl.where(target_ok, y, 0)
-
+    inv_t, eps, all_eps_one = _load_branch_params(eps_ptr, inv_t_ptr, kidx, branch_ok)
+    y, target_ok = _load_target(target_ptr, row, C)
     teacher_row_ptr = _row_start(teacher_ptr, row * teacher_stride, VEC)
-    branch_row_ptrs = _branch_row_pointers(row, kidx, s0_ptr, s0_stride, s1_ptr, s1_stride, s2_ptr, s2_stride,
-                                           s3_ptr, s3_stride, s4_ptr, s4_stride, s5_ptr, s5_stride,
-                                           s6_ptr, s6_stride, s7_ptr, s7_stride, NUM_BRANCHES, VEC)
+    branch_row_ptrs = _branch_row_pointers(row, kidx, branch_ptrs, branch_strides, NUM_BRANCHES, VEC)
     z_y = tl.load(teacher_row_ptr + y).to(ACC) * inv_t
     x_y = tl.load(branch_row_ptrs + y, mask=branch_ok, other=0.0).to(ACC) * inv_t
 
-    # Running statistics (see _online_update).
-    zero_k = tl.zeros([BRANCH_ROWS], dtype=ACC)
-    m_t = tl.max(zero_k, axis=0) + float("-inf")
-    d_t = tl.sum(zero_k, axis=0)
-    m_s = zero_k + float("-inf")
-    d_s = zero_k
-    a_w = zero_k
-    g_w = zero_k
-
-    if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK)
-        col_ok = _column_mask(cols, C, VEC)
-        off_target = col_ok & (cols != y)
-        z, x = _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC)
+    m_t, d_t, m_s, d_s, a_w, g_w = _initial_statistics(BRANCH_ROWS, ACC)
+    if SINGLE_BLOCK:  # the block's values stay in registers for the gradients
+        cols, col_ok, off_target, z, x = _load_block(0, teacher_row_ptr, branch_row_ptrs, y, C, branch_ok, inv_t,
+                                                     ACC, BLOCK, VEC)
         m_t, d_t, m_s, d_s, a_w, g_w, e_t, e_s, u = _online_update(z, x, col_ok, off_target, eps, all_eps_one,
                                                                    m_t, d_t, m_s, d_s, a_w, g_w)
     else:
         for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            col_ok = _column_mask(cols, C, VEC)
-            off_target = col_ok & (cols != y)
-            z, x = _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC)
+            cols, col_ok, off_target, z, x = _load_block(start, teacher_row_ptr, branch_row_ptrs, y, C, branch_ok,
+                                                         inv_t, ACC, BLOCK, VEC)
             m_t, d_t, m_s, d_s, a_w, g_w, e_t, e_s, u = _online_update(z, x, col_ok, off_target, eps, all_eps_one,
                                                                        m_t, d_t, m_s, d_s, a_w, g_w)
-
-    # Row statistics -> per-branch loss. w_c = u_c * weight_norm; S_nt, gap_nt: sums over c != y.
-    log_d_t = tl.log(d_t)
-    log_d_s = tl.log(d_s)
-    weight_norm = tl.exp(-eps * log_d_t)
-    s_nt = a_w * weight_norm
-    loss_nt = g_w * weight_norm + s_nt * log_d_s  # -sum_{c != y} w_c log q_c >= 0
-    p_y = tl.exp((z_y - m_t) - log_d_t)
-    w_y = _expm1_nonneg(eps * _log1p_nonneg(p_y))
-    nlq_y = (m_s - x_y) + log_d_s  # -log q_y >= 0
-    loss = loss_nt + w_y * nlq_y
-    loss = tl.where(target_ok, loss, float("nan"))
-    tl.store(loss_ptr + kidx * B + row, loss, mask=branch_ok)
+    loss, log_d_t, log_d_s, weight_norm, s_nt, loss_nt, p_y, w_y, nlq_y = _row_loss(m_t, d_t, m_s, d_s, a_w, g_w,
+                                                                                    z_y, x_y, eps)
+    tl.store(loss_ptr + kidx * B + row, tl.where(target_ok, loss, float("nan")), mask=branch_ok)
 
     if WANT_GRAD:
-        scale = tl.load(scale_ptr + kidx * scale_stride_k + row * scale_stride_b, mask=branch_ok, other=0.0)
-        scale = tl.where(target_ok, scale.to(ACC) * inv_t, float("nan"))
-        weight_sum = s_nt + w_y
-        # h_y = p_y dl/dp_y = eps p_y (1 + p_y)^(eps - 1) (-log q_y), with (1 + p_y)^eps = 1 + w_y.
-        h_y = eps * p_y * ((1.0 + w_y) / (1.0 + p_y)) * nlq_y
-        h_sum = eps * loss_nt + h_y
+        coef = _grad_coefficients(scale_ptr, scale_stride_k, scale_stride_b, row, kidx, branch_ok, target_ok, inv_t,
+                                  eps, m_s, log_d_s, s_nt, p_y, w_y, nlq_y, loss_nt, ACC)
         grad_row_ptrs = _row_start(grad_ptr, (kidx * B + row) * C, VEC)
         teacher_grad_row_ptr = _row_start(teacher_grad_ptr, row * C, VEC)
-        if SINGLE_BLOCK:
+        if SINGLE_BLOCK:  # reuse the exponentials: q = e_s / d_s, w = u * exp(-eps log d_t), p = e_t / d_t
             p = e_t * (1.0 / d_t)
             q = e_s * (1.0 / d_s)[:, None]
             w_nt = u * weight_norm[:, None]
-            dt = _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, cols == y, x, q, w_nt, p,
-                                  m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum, TEACHER_GRAD)
-            if TEACHER_GRAD:
-                if TEACHER_ACCUMULATE:
-                    dt += tl.load(teacher_grad_row_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-                tl.store(teacher_grad_row_ptr + cols, dt.to(teacher_grad_ptr.dtype.element_ty), mask=col_ok)
+            _store_grad_block(grad_row_ptrs, teacher_grad_row_ptr, cols, col_ok, branch_ok, cols == y, x, q, w_nt, p,
+                              coef, TEACHER_GRAD, TEACHER_ACCUMULATE)
         else:
             for start in range(0, C, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                col_ok = _column_mask(cols, C, VEC)
-                off_target = col_ok & (cols != y)
-                z, x = _load_tiles(teacher_row_ptr, branch_row_ptrs, cols, col_ok, branch_ok, inv_t, ACC)
-                # Masked columns are -inf here (exp -> 0). Subtract the max before log d: z - m_t is
-                # exact near the max, z - lse_t would round.
-                log_p = (tl.where(col_ok, z, float("-inf")) - m_t) - log_d_t
-                p = tl.exp(log_p)
-                q = tl.exp((tl.where(col_ok[None, :], x, float("-inf")) - m_s[:, None]) - log_d_s[:, None])
-                if all_eps_one:
-                    w = p[None, :] + tl.zeros_like(x)
-                else:
-                    w = tl.exp(eps[:, None] * log_p[None, :])
-                w_nt = tl.where(off_target[None, :], w, 0.0)
-                dt = _store_grad_tile(grad_row_ptrs, cols, col_ok, branch_ok, cols == y, x, q, w_nt, p,
-                                      m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum, TEACHER_GRAD)
-                if TEACHER_GRAD:
-                    if TEACHER_ACCUMULATE:
-                        dt += tl.load(teacher_grad_row_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-                    tl.store(teacher_grad_row_ptr + cols, dt.to(teacher_grad_ptr.dtype.element_ty), mask=col_ok)
+                cols, col_ok, off_target, z, x = _load_block(start, teacher_row_ptr, branch_row_ptrs, y, C,
+                                                             branch_ok, inv_t, ACC, BLOCK, VEC)
+                p, q, w_nt = _recompute_block(z, x, col_ok, off_target, m_t, log_d_t, m_s, log_d_s, eps, all_eps_one)
+                _store_grad_block(grad_row_ptrs, teacher_grad_row_ptr, cols, col_ok, branch_ok, cols == y, x, q,
+                                  w_nt, p, coef, TEACHER_GRAD, TEACHER_ACCUMULATE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +425,7 @@ def _device_params(eps: Tensor, temperature: float, device: torch.device, dtype:
 
 
 def _branch_matrices(branches: Sequence[Tensor]) -> List[Tensor]:
+    """The K [B, C] branch matrices: [k, B, C] entries split into k views (no copy)."""
     matrices: List[Tensor] = []
     for entry in branches:
         if entry.dim() == 3:
@@ -427,22 +435,9 @@ def _branch_matrices(branches: Sequence[Tensor]) -> List[Tensor]:
     return matrices
 
 
-def ofa_fused_forward_triton(branches: Sequence[Tensor], teacher: Tensor, target: Tensor, eps: Tensor,
-                             temperature: float, grad_scale: Optional[Tensor], teacher_grad: bool,
-                             *, max_block: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row OFA losses of K branches and, optionally, their gradients, in one kernel launch.
-
-    branches: tensors [B, C] or [k_i, B, C] (K branches in all, rows contiguous, any row stride), same
-    dtype as teacher (float32/float64/bfloat16/float16). teacher [B, C]; target int64 [B] in [0, C);
-    eps float64 CPU [K]; temperature > 0. grad_scale: None (no gradients) or broadcastable to [K, B].
-    Returns loss_rows [K, B] (float32, float64 for float64 inputs), grad_branches [K, B, C]
-    (grad_scale[k, b] * dl_kb/ds, input dtype) and grad_teacher [B, C] (sum_k grad_scale[k, b] *
-    dl_kb/dt, only when teacher_grad and grad_scale is given); gradients not computed are empty.
-    max_block caps the column block (tests use it to run the column loop at small C).
-    """
-    if _TRITON_IMPORT_ERROR is not None:
-        raise RuntimeError(f"ofakd_fast: backend='triton' unavailable: {_TRITON_IMPORT_ERROR}")
-    matrices = _branch_matrices(branches)
+def _check_inputs(matrices: Sequence[Tensor], teacher: Tensor, target: Tensor, eps: Tensor,
+                  temperature: float) -> None:
+    """Raises ValueError/TypeError for inputs outside ofa_fused_forward_triton's contract."""
     K = len(matrices)
     if K == 0:
         raise ValueError("ofakd_fast: need at least one student branch")
@@ -471,64 +466,103 @@ def ofa_fused_forward_triton(branches: Sequence[Tensor], teacher: Tensor, target
         if bool(((target < 0) | (target >= C)).any()):
             raise ValueError(f"ofakd_fast: target outside [0, {C})")
 
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    want_grad = grad_scale is not None
-    want_teacher_grad = want_grad and bool(teacher_grad)
-    loss_rows = torch.empty((K, B), dtype=acc_dtype, device=device)
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernel's arithmetic (and loss) dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _allocate_outputs(K: int, teacher: Tensor, want_grad: bool,
+                      want_teacher_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """loss_rows [K, B] (math dtype), grad_branches [K, B, C] and grad_teacher [B, C] (input dtype),
+    each gradient empty when it is not wanted."""
+    (B, C), dtype, device = teacher.shape, teacher.dtype, teacher.device
+    loss_rows = torch.empty((K, B), dtype=_math_dtype(dtype), device=device)
     grad_branches = torch.empty((K, B, C) if want_grad else (0,), dtype=dtype, device=device)
     grad_teacher = torch.empty((B, C) if want_teacher_grad else (0,), dtype=dtype, device=device)
+    return loss_rows, grad_branches, grad_teacher
+
+
+def _launch_group(group_mats: Sequence[Tensor], k0: int, teacher: Tensor, target: Tensor, params: Tensor,
+                  scale: Optional[Tensor], loss_rows: Tensor, grad_branches: Tensor,
+                  teacher_work: Optional[Tensor], accumulate: bool, max_block: Optional[int]) -> None:
+    """One launch for branches k0 .. k0 + len(group_mats) - 1 (at most MAX_BRANCHES_PER_LAUNCH).
+
+    scale (grad_scale [K, B]) None: losses only; teacher_work None: no teacher gradient, else the
+    [B, C] buffer it is stored in (added to with accumulate, for the groups after the first)."""
+    (B, C), K, nb = teacher.shape, params.numel() - 1, len(group_mats)
+    rows, block, num_warps, single = launch_config(C, nb, max_block, loss_rows.element_size())
+    want_grad = scale is not None
+    buffers = list(group_mats) + [teacher] + ([grad_branches[k0]] if want_grad else [])
+    vec = vector_width(buffers + ([teacher_work] if teacher_work is not None else []), C)
+    unused = loss_rows  # passed for the pointers the kernel does not read
+    _ofa_fused_kernel[(B,)](
+        tuple(group_mats), tuple(m.stride(0) for m in group_mats),
+        teacher, teacher.stride(0),
+        target,
+        params[k0:k0 + nb], params[K:],
+        scale[k0:k0 + nb] if want_grad else unused, scale.stride(0) if want_grad else 0,
+        scale.stride(1) if want_grad else 0,
+        loss_rows[k0:k0 + nb],
+        grad_branches[k0:k0 + nb] if want_grad else unused,
+        teacher_work if teacher_work is not None else unused,
+        B, C,
+        NUM_BRANCHES=nb, BRANCH_ROWS=rows, BLOCK=block, SINGLE_BLOCK=single,
+        WANT_GRAD=want_grad, TEACHER_GRAD=teacher_work is not None, TEACHER_ACCUMULATE=accumulate,
+        VEC=vec,
+        num_warps=num_warps,
+    )
+
+
+def _launch_all(matrices: Sequence[Tensor], teacher: Tensor, target: Tensor, eps: Tensor, temperature: float,
+                grad_scale: Optional[Tensor], outputs: Tuple[Tensor, Tensor, Tensor],
+                max_block: Optional[int]) -> None:
+    """Fills `outputs` (from _allocate_outputs, B > 0, C > 0) with one launch per group of
+    MAX_BRANCHES_PER_LAUNCH branches; with several groups and a 16-bit teacher gradient, that gradient
+    is accumulated in a math-dtype workspace and copied out at the end."""
+    loss_rows, grad_branches, grad_teacher = outputs
+    K, (B, C), device = len(matrices), teacher.shape, teacher.device
+    acc_dtype = loss_rows.dtype
+    params = _device_params(eps, temperature, device, acc_dtype)
+    scale = None if grad_scale is None else grad_scale.detach().to(device=device, dtype=acc_dtype).expand(K, B)
+    target_c = target.to(device).contiguous()
+    teacher_work = grad_teacher if grad_teacher.numel() else None
+    if teacher_work is not None and K > MAX_BRANCHES_PER_LAUNCH and teacher.dtype != acc_dtype:
+        teacher_work = torch.empty((B, C), dtype=acc_dtype, device=device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for k0 in range(0, K, MAX_BRANCHES_PER_LAUNCH):
+            _launch_group(matrices[k0:k0 + MAX_BRANCHES_PER_LAUNCH], k0, teacher, target_c, params, scale,
+                          loss_rows, grad_branches, teacher_work, k0 > 0, max_block)
+    if teacher_work is not None and teacher_work is not grad_teacher:
+        grad_teacher.copy_(teacher_work)
+
+
+def ofa_fused_forward_triton(branches: Sequence[Tensor], teacher: Tensor, target: Tensor, eps: Tensor,
+                             temperature: float, grad_scale: Optional[Tensor], teacher_grad: bool,
+                             *, max_block: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row OFA losses of K branches and, optionally, their gradients, in one kernel launch.
+
+    branches: tensors [B, C] or [k_i, B, C] (K branches in all, rows contiguous, any row stride), same
+    dtype as teacher (float32/float64/bfloat16/float16). teacher [B, C]; target int64 [B] in [0, C);
+    eps float64 CPU [K]; temperature > 0. grad_scale: None (no gradients) or broadcastable to [K, B].
+    Returns loss_rows [K, B] (float32, float64 for float64 inputs), grad_branches [K, B, C]
+    (grad_scale[k, b] * dl_kb/ds, input dtype) and grad_teacher [B, C] (sum_k grad_scale[k, b] *
+    dl_kb/dt, only when teacher_grad and grad_scale is given); gradients not computed are empty.
+    max_block caps the column block (tests use it to run the column loop at small C).
+    """
+    if _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"ofakd_fast: backend='triton' unavailable: {_TRITON_IMPORT_ERROR}")
+    matrices = _branch_matrices(branches)
+    _check_inputs(matrices, teacher, target, eps, temperature)
+    want_grad = grad_scale is not None
+    outputs = _allocate_outputs(len(matrices), teacher, want_grad, want_grad and bool(teacher_grad))
+    B, C = teacher.shape
     if B == 0:
-        return loss_rows, grad_branches, grad_teacher
+        return outputs
     if C == 0:
         raise ValueError("ofakd_fast: need at least one class")
-
-    params = _device_params(eps, temperature, device, acc_dtype)
-    if want_grad:
-        scale = grad_scale.detach().to(device=device, dtype=acc_dtype).expand(K, B)
-    else:
-        scale = loss_rows  # never read
-    target_c = target.to(device).contiguous()
-    teacher_work = grad_teacher
-    num_groups = -(-K // MAX_BRANCHES_PER_LAUNCH)
-    if want_teacher_grad and num_groups > 1 and dtype != acc_dtype:
-        teacher_work = torch.empty((B, C), dtype=acc_dtype, device=device)
-
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for group in range(num_groups):
-            k0 = group * MAX_BRANCHES_PER_LAUNCH
-            group_mats = matrices[k0:k0 + MAX_BRANCHES_PER_LAUNCH]
-            nb = len(group_mats)
-            rows, block, num_warps, single = launch_config(C, nb, max_block, loss_rows.element_size())
-            buffers = list(group_mats) + [teacher]
-            if want_grad:
-                buffers.append(grad_branches[k0])
-            if want_teacher_grad:
-                buffers.append(teacher_work)
-            vec = vector_width(buffers, C)
-            pointer_args = []
-            for slot in range(MAX_BRANCHES_PER_LAUNCH):
-                if slot < nb:
-                    pointer_args += [group_mats[slot], group_mats[slot].stride(0)]
-                else:
-                    pointer_args += [teacher, 0]
-            _ofa_fused_kernel[(B,)](
-                *pointer_args,
-                teacher, teacher.stride(0),
-                target_c,
-                params[k0:k0 + nb], params[K:],
-                scale[k0:k0 + nb], scale.stride(0) if want_grad else 0, scale.stride(1) if want_grad else 0,
-                loss_rows[k0:k0 + nb],
-                grad_branches[k0:k0 + nb] if want_grad else loss_rows,
-                teacher_work if want_teacher_grad else loss_rows,
-                B, C,
-                NUM_BRANCHES=nb, BRANCH_ROWS=rows, BLOCK=block, SINGLE_BLOCK=single,
-                WANT_GRAD=want_grad, TEACHER_GRAD=want_teacher_grad, TEACHER_ACCUMULATE=group > 0,
-                VEC=vec,
-                num_warps=num_warps,
-            )
-    if teacher_work is not grad_teacher:
-        grad_teacher.copy_(teacher_work)
-    return loss_rows, grad_branches, grad_teacher
+    _launch_all(matrices, teacher, target, eps, temperature, grad_scale, outputs, max_block)
+    return outputs
 
 
 def _kernel_is_interpreted() -> bool:
