@@ -32,12 +32,12 @@ class HyperParameter:
     help: str
     low: Optional[float] = 0.0  # the smallest value accepted (None: any)
     low_open: bool = False  # True: `low` itself is refused
-    kind: type = float
+    kind: type = float  # float, int, or bool (a switch: --flag sets it)
 
     def check(self, value, owner: str) -> float:
         """`value` converted to `kind`; a ValueError naming the argument and flag when out of range."""
         value = self.kind(value)
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+        if self.kind is not bool and self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             bound = f"> {self.low}" if self.low_open else f">= {self.low}"
             raise ValueError(f"{owner}: {self.argument} ({self.flag}) must be {bound}, got {value}")
         return value

@@ -103,10 +103,15 @@ def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
     seen = set()
     for name, distiller in DISTILLERS.items():
         for hp in distiller.hyper_parameters:
-            if hp.flag not in seen:
-                seen.add(hp.flag)
+            if hp.flag in seen:
+                continue
+            seen.add(hp.flag)
+            where = f"--distiller {name}"
+            if hp.kind is bool:
+                g.add_argument(hp.flag, action="store_true", help=f"{hp.help} ({where})")
+            else:
                 g.add_argument(hp.flag, type=number(hp.kind, hp.flag, hp.low, low_open=hp.low_open),
-                               default=hp.default, help=f"{hp.help} (--distiller {name}; default {hp.default})")
+                               default=hp.default, help=f"{hp.help} ({where}; default {hp.default})")
     for key in sorted({key for distiller in DISTILLERS.values() for key in distiller.default_loss_weights}):
         g.add_argument(f"--{key}-loss-weight", type=nonneg_float, default=None,
                        help=f"weight of the '{key}' loss (default: the distiller's own, see ofakd_fast/distill/)")
