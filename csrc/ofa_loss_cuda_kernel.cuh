@@ -1,6 +1,7 @@
 // The CUDA kernel of the fused OFA loss: device memory accesses, block reductions and the
-// __global__ entry around the row program of ofa_loss_cuda_row.cuh. No ATen here, so the device
-// code can be compiled (and its register use inspected with -Xptxas -v) on its own.
+// __global__ entry around the row program of ofa_loss_cuda_row.cuh (how it is launched:
+// ofa_loss_cuda_launch.h). No ATen here, so the device code can be compiled (and its register use
+// inspected with -Xptxas -v) on its own.
 #pragma once
 
 #include <cstring>
@@ -88,11 +89,10 @@ struct BlockOps : DeviceMemory {
   }
 };
 
-// Register budget: at least two 512-thread blocks per SM, i.e. <= 64 registers per thread (left
-// alone ptxas takes 93 .. 128 and halves the occupancy). 256-thread blocks (C = 1000) then fit 4 per
-// SM. ptxas (sm_80 / sm_90) reports no spill for float, 40 .. 170 bytes (local memory, L1-resident)
-// for bf16/half, most of it on the teacher-gradient path. float64, used for checking rather than
-// training, gets 128 registers (at 64 it spills ~0.5 KB on sm_90).
+// Occupancy target: at least two 512-thread blocks per SM, which caps the registers per thread
+// (left alone ptxas takes more and halves the occupancy); float64, used for checking rather than
+// training, one block. ptxas's register and spill figures: "Sizes and figures of the kernels" in
+// benchmarks/README.md.
 template <typename scalar_t>
 struct MinBlocksPerSM {
   static constexpr int value = sizeof(acc_of<scalar_t>) == 8 ? 1 : 2;

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "op_inputs.h"
-#include "ofa_loss_cuda_row.cuh"
+#include "ofa_loss_cuda_launch.h"
 
 namespace ofakd {
 namespace cuda_kernel {

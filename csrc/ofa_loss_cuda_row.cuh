@@ -1,4 +1,5 @@
-// The row program of the fused OFA loss CUDA kernel, and the host-side launch plan.
+// The row program of the fused OFA loss CUDA kernel: device code only (the host-side launch plan is
+// ofa_loss_cuda_launch.h).
 //
 // One "row group" of threads (one thread block of 32 .. 512 threads) computes one batch row b for up
 // to kMaxBranchesPerLaunch student branches: the loss of each branch and, when asked, the student
@@ -23,39 +24,39 @@
 // phase is accessed element by element in the same slot layout (correct, slower).
 //
 // Algorithm for one row (x = s / T, z = t / T; see shared/docs/ofa-loss.md):
-//   1. Teacher: running max and sum of exp over the row's slots, one group reduction -> max_t and
+//   1. Teacher (teacher_pass): running max and sum of exp over the row's slots, one group reduction -> max_t and
 //      log_sum_t (rank 0 also computes p_y). Every branch below uses the exact
 //      log_p = (z - max_t) - log_sum_t (in that order, like log_softmax: see log_softmax_of).
 //   2. For each branch k in turn (a loop, not unrolled: registers and code size do not grow with K):
-//      a. statistics over c != y: max_x, d = sum exp(x - max_x), S' = sum w, gap' = sum w (max_x - x),
+//      a. statistics (branch_partial) over c != y: max_x, d = sum exp(x - max_x), S' = sum w, gap' = sum w (max_x - x),
 //         with w = p ** eps_k = exp(eps_k log_p) (= p for eps 1; a resident row keeps w in registers
 //         while consecutive branches share eps). A thread's gap' is rebased (gap' += S' (m_new -
 //         m_old)) when its max grows, so every term is >= 0 and nothing cancels for logits of 1e4;
-//      b. group reductions: the max (exact, to every thread), then each thread rebases its sums to it
-//         once and the sums are added in double (to rank 0). Rank 0 adds the target class,
+//      b. group reductions (branch_loss): the max (exact, to every thread), then each thread rebases its sums to it
+//         once and the sums are added in double (to rank 0). Rank 0 (finish_branch) adds the target class,
 //         w_y = expm1(eps log1p(p_y)), writes loss = row_loss(S, gap, log d) and the constants of
 //         the gradient pass to shared memory: max_x, log d, S, w_y, h_y, H, grad_scale / T;
-//      c. (gradients only) student grad (S q - w) scale / T with log q = (x - max_x) - log d, and the teacher
+//      c. (gradients only; branch_gradients, slot_gradients) student grad (S q - w) scale / T with log q = (x - max_x) - log d, and the teacher
 //         contribution (h_c - p_c H) scale / T with h_c = p_c dl/dp_c = -eps w_c log q_c (c != y) and
 //         H = sum_c h_c = eps * (non-target loss) + h_y, taken from the statistics (no extra pass,
 //         never p ** (eps - 1)). The teacher gradient of a row held in registers accumulates there
-//         over the branches; a streamed row accumulates it in an fp32 (fp64) workspace.
+//         over the branches (written by write_resident_teacher_gradient); a streamed row accumulates it in
+//         an fp32 (fp64) workspace (write_teacher_slot).
 //   Row held in registers ("resident": C + phase <= G * W, e.g. C = 1000 fp32 with 256 threads):
 //   every logit is read from memory exactly once (the next branch's slot is loaded while the current
 //   one is reduced). Longer rows are streamed chunk by chunk: the teacher row once for its max and sum, then per
 //   branch a statistics pass (branch row + teacher row) and a gradient pass (both again, in reverse
 //   chunk order). Between two reads of the same bytes a block touches only ~2 rows, so the re-reads
-//   are L2 hits on an A100/H100 and DRAM traffic stays near the floor.
+//   are mostly L2 hits (the traffic estimate: "Sizes and figures of the kernels", benchmarks/README.md).
 //
 // Numerics: math in float (double for double inputs) on values converted right after the load;
 // eps == 1 uses w = p and S = 1 like the CPU kernel. A target outside [0, C) makes the row's loss
 // and all its gradients NaN (no out-of-bounds read, no host synchronisation to check it).
 #pragma once
 
+
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <vector>
 
 #include "ofa_row_math.h"
 
@@ -104,7 +105,7 @@ OFA_HOST_DEVICE T quiet_nan() {
   return static_cast<T>(NAN);
 }
 
-// Everything one launch needs, passed by value (under 1 KB; the kernel parameter limit is 4 KB).
+// Everything one launch needs, passed by value as the kernel argument (see the static_assert below).
 template <typename scalar_t>
 struct LaunchParams {
   using acc_t = acc_of<scalar_t>;
@@ -126,6 +127,8 @@ struct LaunchParams {
   acc_t* tg_work;           // [B, C] running teacher gradient (may alias grad_teacher if scalar_t == acc_t)
   scalar_t* grad_teacher;   // [B, C] final teacher gradient: set on the last launch only
 };
+// The classic kernel-parameter limit (newer toolkits and GPUs allow more); double is the largest.
+static_assert(sizeof(LaunchParams<double>) <= 4096, "LaunchParams must fit the kernel parameter space");
 
 // Running statistics of one thread's elements: max m, sum d of exp(v - m), and for the weights:
 // gap = sum w (m - x) and s = sum w. Empty: m = -inf, the rest 0.
@@ -141,7 +144,8 @@ OFA_HOST_DEVICE Partial<acc_t> empty_partial() {
 
 // The sums a group reduces, in double for every input dtype: a few double additions per row and
 // branch make the reduction's rounding negligible (a tree of float additions, or merges that rebase
-// gap by s * (m_new - m_old) at every level, cost ~10 ulps of the loss at C = 1000).
+// gap by s * (m_new - m_old) at every level, cost ulps of the loss: "Sizes and figures of the
+// kernels" in benchmarks/README.md).
 struct Sums {
   double d, gap, s;
 };
@@ -336,308 +340,347 @@ OFA_UNROLL
   }
 }
 
+
+// ------------------------------------------------------------------------------------ row passes
+//
+// ofa_row runs the passes below in order, every thread of the group each of them. Barriers (ops.sync
+// and inside the reductions) are reached by all threads of the group equally often: every condition
+// around them is uniform over the group. Indices inside a row are 32-bit (the host checks
+// C < 2^31 - 64); row offsets are 64-bit.
+
+// Row b of branch k (a launch-local branch index).
+template <typename scalar_t>
+OFA_ROW_FN const scalar_t* branch_row(const LaunchParams<scalar_t>& P, int k, int64_t b) {
+  return P.branch[k] + b * P.branch_stride[k];
+}
+
+// Row b of branch k's student gradient ([num_branches, B, C], contiguous).
+template <typename scalar_t>
+OFA_ROW_FN scalar_t* branch_grad_row(const LaunchParams<scalar_t>& P, int k, int64_t b) {
+  return P.grad_branches + (k * P.B + b) * P.C;
+}
+
+// Row b as one thread sees it in every pass: what is wanted, the target, the slot layout.
+template <typename scalar_t>
+struct RowPlan {
+  using acc_t = acc_of<scalar_t>;
+  static constexpr int W = Pack<scalar_t>::kWidth;
+  int64_t b;
+  int C;
+  acc_t inv_t;
+  bool want_grad, want_tgrad;
+  bool y_ok;     // the target lies in [0, C)
+  int y;         // the target class; -1 when out of range, so no element is the target
+  int phase;     // the slot phase (see majority_phase)
+  int G, r;      // group size, this thread's rank
+  int nchunks;   // slots per thread
+  bool resident; // one slot per thread: the row stays in registers, each logit read once
+  const scalar_t* t_row;
+  bool t_aligned;
+  acc_t* w_res;  // resident: the weights of this thread's slot, [W][G] shared scratch
+  acc_t* t_acc;  // resident: the teacher gradient of this thread's slot, [W][G] shared scratch
+
+  // First element of this thread's slot in chunk j; chunk 0 is a resident row's only slot.
+  OFA_ROW_FN int slot_start(int j) const { return (j * G + r) * W - phase; }
+  OFA_ROW_FN bool overlaps_row(int e0) const { return e0 + W > 0 && e0 < C; }
+  // Element i of this thread's slot in [W][G] scratch: a warp touches consecutive words.
+  OFA_ROW_FN int scratch_index(int i) const { return i * G + r; }
+};
+
+// The phase most of row b's input and output rows have (a vote), so most of them move in 16-byte
+// accesses; a row of another phase is accessed element by element in the same slot layout.
+template <typename scalar_t>
+OFA_ROW_FN int majority_phase(const LaunchParams<scalar_t>& P, int64_t b, bool want_grad, bool want_tgrad) {
+  unsigned long long votes = 0;
+  vote_phase(votes, P.teacher + b * P.teacher_stride);
+  for (int k = 0; k < P.num_branches; ++k) {
+    vote_phase(votes, branch_row(P, k, b));
+    if (want_grad) vote_phase(votes, branch_grad_row(P, k, b));
+  }
+  if (want_tgrad && P.grad_teacher != nullptr) vote_phase(votes, P.grad_teacher + b * P.C);
+  return winning_phase<scalar_t>(votes);
+}
+
+// This thread's plan of row b; `scratch` is the row's 2 * G * W acc_t of shared memory.
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN RowPlan<scalar_t> plan_row(const Ops& ops, const LaunchParams<scalar_t>& P, int64_t b,
+                                      acc_of<scalar_t>* scratch) {
+  constexpr int W = Pack<scalar_t>::kWidth;
+  RowPlan<scalar_t> row;
+  row.b = b;
+  row.C = static_cast<int>(P.C);
+  row.inv_t = P.inv_t;
+  row.want_grad = P.grad_scale != nullptr;
+  row.want_tgrad = row.want_grad && P.teacher_grad;
+  const int64_t target = P.target[b];
+  row.y_ok = target >= 0 && target < row.C;
+  row.y = row.y_ok ? static_cast<int>(target) : -1;
+  row.phase = majority_phase(P, b, row.want_grad, row.want_tgrad);
+  row.G = ops.size();
+  row.r = ops.rank();
+  const int nslots = (row.C + row.phase + W - 1) / W;
+  row.nchunks = (nslots + row.G - 1) / row.G;
+  row.resident = row.nchunks == 1;
+  row.t_row = P.teacher + b * P.teacher_stride;
+  row.t_aligned = phase_of(row.t_row) == row.phase;
+  row.w_res = scratch;
+  row.t_acc = scratch + W * row.G;
+  return row;
+}
+
+// The teacher's statistics every branch uses: log p_c = (z_c - t_max) - t_log_sum.
+template <typename acc_t>
+struct TeacherStats {
+  acc_t t_max, t_log_sum;
+  acc_t p_y, log1p_p_y;  // the target's probability (rank 0 only; 0 for an out-of-range target)
+};
+
+// What a resident row keeps in registers from one branch to the next.
+template <typename scalar_t>
+struct ResidentSlots {
+  Pack<scalar_t> z{};          // this thread's teacher slot
+  Pack<scalar_t> x_next{};     // the next branch's slot, loaded one branch ahead
+  acc_of<scalar_t> w_eps = 0;  // the eps of the weights in w_res (0: none yet; every eps is > 0)
+};
+
+// Teacher pass: max and log-sum-exp of z = t / T (one read of the teacher row; a resident row
+// also loads branch 0's slot here). Zeroes a resident row's teacher gradient.
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN TeacherStats<acc_of<scalar_t>> teacher_pass(const Ops& ops, const LaunchParams<scalar_t>& P,
+                                                       const RowPlan<scalar_t>& row, RowShared<acc_of<scalar_t>>& sh,
+                                                       ResidentSlots<scalar_t>& res) {
+  using acc_t = acc_of<scalar_t>;
+  Partial<acc_t> tp = empty_partial<acc_t>();
+  for (int j = 0; j < row.nchunks; ++j) {
+    const int e0 = row.slot_start(j);
+    const Pack<scalar_t> z = load_slot(ops, row.t_row, e0, row.C, row.t_aligned, row.resident);
+    if (row.resident) {
+      res.z = z;
+      const scalar_t* x0 = branch_row(P, 0, row.b);
+      res.x_next = load_slot(ops, x0, e0, row.C, phase_of(x0) == row.phase, true);
+    }
+    add_teacher_slot(tp, z, e0, row.C, row.inv_t);
+  }
+  TeacherStats<acc_t> ts;
+  ts.t_max = ops.reduce_max(tp.m);                                     // in every thread
+  const Sums t_sums = ops.reduce_sum(rebased_sums(tp, ts.t_max));      // at rank 0
+  ts.p_y = acc_t(0);
+  ts.log1p_p_y = acc_t(0);
+  if (row.r == 0) {
+    sh.t_log_sum = ofa_log(static_cast<acc_t>(t_sums.d));
+    if (row.y_ok) {
+      const acc_t z_y = static_cast<acc_t>(ops.load_one(row.t_row + row.y)) * row.inv_t;
+      ts.p_y = ofa_exp(log_softmax_of(z_y, ts.t_max, sh.t_log_sum));
+    }
+    ts.log1p_p_y = ofa_log1p(ts.p_y);
+  }
+  if (row.want_tgrad && row.resident) {
+OFA_UNROLL
+    for (int i = 0; i < Pack<scalar_t>::kWidth; ++i) row.t_acc[row.scratch_index(i)] = acc_t(0);
+  }
+  ops.sync();  // publishes t_log_sum
+  ts.t_log_sum = sh.t_log_sum;
+  return ts;
+}
+
+// A resident row's weights for `eps` in w[], recomputed only when eps changes (OFA usually gives
+// every branch the same eps: one exp per element per row instead of one per branch).
+template <typename scalar_t>
+OFA_ROW_FN void resident_weights(const RowPlan<scalar_t>& row, const TeacherStats<acc_of<scalar_t>>& ts,
+                                 ResidentSlots<scalar_t>& res, acc_of<scalar_t> eps,
+                                 acc_of<scalar_t> (&w)[Pack<scalar_t>::kWidth]) {
+  constexpr int W = Pack<scalar_t>::kWidth;
+  if (eps != res.w_eps) {
+    slot_weights(res.z, row.inv_t, ts.t_max, ts.t_log_sum, eps, w);
+OFA_UNROLL
+    for (int i = 0; i < W; ++i) row.w_res[row.scratch_index(i)] = w[i];
+    res.w_eps = eps;
+  } else {
+OFA_UNROLL
+    for (int i = 0; i < W; ++i) w[i] = row.w_res[row.scratch_index(i)];
+  }
+}
+
+// Statistics pass of branch k: this thread's running max, exp-sum and weighted gap over c != y.
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN Partial<acc_of<scalar_t>> branch_partial(const Ops& ops, const LaunchParams<scalar_t>& P,
+                                                    const RowPlan<scalar_t>& row,
+                                                    const TeacherStats<acc_of<scalar_t>>& ts,
+                                                    ResidentSlots<scalar_t>& res, int k,
+                                                    const Pack<scalar_t>& x_resident) {
+  using acc_t = acc_of<scalar_t>;
+  const acc_t eps = P.eps[k];
+  Partial<acc_t> q = empty_partial<acc_t>();
+  acc_t w[Pack<scalar_t>::kWidth];
+  if (row.resident) {
+    resident_weights(row, ts, res, eps, w);
+    add_branch_slot(q, x_resident, w, row.slot_start(0), row.C, row.y, row.inv_t);
+    return q;
+  }
+  const scalar_t* x_row = branch_row(P, k, row.b);
+  const bool x_aligned = phase_of(x_row) == row.phase;
+  for (int j = 0; j < row.nchunks; ++j) {
+    const int e0 = row.slot_start(j);
+    if (!row.overlaps_row(e0)) continue;
+    // Without gradients this is the branch row's only read; the teacher is read by every branch.
+    const Pack<scalar_t> x = load_slot(ops, x_row, e0, row.C, x_aligned, !row.want_grad);
+    const Pack<scalar_t> z = load_slot(ops, row.t_row, e0, row.C, row.t_aligned, false);
+    slot_weights(z, row.inv_t, ts.t_max, ts.t_log_sum, eps, w);
+    add_branch_slot(q, x, w, e0, row.C, row.y, row.inv_t);
+  }
+  return q;
+}
+
+// Rank 0, from branch k's reduced statistics: its loss, and (gradients only) the constants of its
+// gradient pass. The target class enters here: w_y = expm1(eps log1p(p_y)).
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN void finish_branch(const Ops& ops, const LaunchParams<scalar_t>& P, const RowPlan<scalar_t>& row,
+                              const TeacherStats<acc_of<scalar_t>>& ts, int k, acc_of<scalar_t> x_max,
+                              const Sums& x_sums, BranchFinal<acc_of<scalar_t>>& f) {
+  using acc_t = acc_of<scalar_t>;
+  const acc_t eps = P.eps[k];
+  const acc_t log_d = ofa_log(static_cast<acc_t>(x_sums.d));
+  const acc_t gap_nt = static_cast<acc_t>(x_sums.gap), s_nt = static_cast<acc_t>(x_sums.s);
+  const acc_t x_y = row.y_ok ? static_cast<acc_t>(ops.load_one(branch_row(P, k, row.b) + row.y)) * row.inv_t : acc_t(0);
+  const acc_t w_y = eps == acc_t(1) ? ts.p_y : target_weight(ts.p_y, eps);
+  const acc_t weight_sum = eps == acc_t(1) ? acc_t(1) : s_nt + w_y;  // S = 1 exactly for eps = 1, as on CPU
+  const acc_t loss = row_loss(weight_sum, gap_nt + w_y * (x_max - x_y), log_d);
+  P.loss_rows[k * P.B + row.b] = row.y_ok ? loss : quiet_nan<acc_t>();
+  if (!row.want_grad) return;
+  f.x_max = x_max;
+  f.x_log_sum = log_d;
+  f.weight_sum = weight_sum;
+  f.w_target = w_y;
+  f.h_target = ts.p_y * weight_grad(ts.log1p_p_y, eps, log_softmax_of(x_y, x_max, log_d));
+  // H = sum_c p_c g_c = eps * sum_{c != y} w_c (-log q_c) + h_y: all terms >= 0.
+  f.sum_h = eps * row_loss(s_nt, gap_nt, log_d) + f.h_target;
+  f.scale_over_t =
+      row.y_ok ? P.grad_scale[k * P.scale_stride_k + row.b * P.scale_stride_b] * row.inv_t : quiet_nan<acc_t>();
+}
+
+// Loss of branch k: the statistics pass, its two group reductions, rank 0's finish. Returns the
+// shared constants of the gradient pass, published by the barrier at its end.
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN const BranchFinal<acc_of<scalar_t>>& branch_loss(const Ops& ops, const LaunchParams<scalar_t>& P,
+                                                     const RowPlan<scalar_t>& row,
+                                                     const TeacherStats<acc_of<scalar_t>>& ts,
+                                                     RowShared<acc_of<scalar_t>>& sh, ResidentSlots<scalar_t>& res,
+                                                     int k, const Pack<scalar_t>& x_resident) {
+  using acc_t = acc_of<scalar_t>;
+  const Partial<acc_t> q = branch_partial(ops, P, row, ts, res, k, x_resident);
+  const acc_t x_max = ops.reduce_max(q.m);  // in every thread
+  // At rank 0, over c != y: d = sum exp(x - x_max), gap = sum w (x_max - x), s = sum w.
+  const Sums x_sums = ops.reduce_sum(rebased_sums(q, x_max));
+  BranchFinal<acc_t>& shared_final = sh.branch[k & 1];
+  if (row.r == 0) finish_branch(ops, P, row, ts, k, x_max, x_sums, shared_final);
+  // Publishes shared_final; also orders warp 0's reads of the cross-warp scratch of reduce_sum
+  // before the next reduce_sum's writes, and everyone's copy of slot k & 1 before rank 0 rewrites
+  // it for branch k + 2.
+  ops.sync();
+  return shared_final;
+}
+
+// Gradients of one slot of branch k: the student gradient in `out` and, if wanted, the teacher
+// contribution, added to a resident row's t_acc or left in `t_contrib` (streamed rows).
+template <typename scalar_t>
+OFA_ROW_FN void slot_gradients(const RowPlan<scalar_t>& row, const TeacherStats<acc_of<scalar_t>>& ts,
+                               const BranchFinal<acc_of<scalar_t>>& f, acc_of<scalar_t> eps, int e0,
+                               const Pack<scalar_t>& x, const Pack<scalar_t>& z, Pack<scalar_t>& out,
+                               acc_of<scalar_t> (&t_contrib)[Pack<scalar_t>::kWidth]) {
+  using acc_t = acc_of<scalar_t>;
+OFA_UNROLL
+  for (int i = 0; i < Pack<scalar_t>::kWidth; ++i) {
+    const bool is_y = e0 + i == row.y;
+    acc_t log_p = acc_t(0), w_c;
+    if (row.resident) {
+      w_c = row.w_res[row.scratch_index(i)];
+    } else {
+      log_p = log_softmax_of(static_cast<acc_t>(z.v[i]) * row.inv_t, ts.t_max, ts.t_log_sum);
+      w_c = eps == acc_t(1) ? ofa_exp(log_p) : class_weight(log_p, eps);
+    }
+    const acc_t p_or_w = w_c;  // p_c when eps == 1
+    if (is_y) w_c = f.w_target;
+    const acc_t log_q = log_softmax_of(static_cast<acc_t>(x.v[i]) * row.inv_t, f.x_max, f.x_log_sum);
+    const acc_t q_c = ofa_exp(log_q);
+    out.v[i] = static_cast<scalar_t>(student_grad(f.weight_sum, q_c, w_c, f.scale_over_t));
+    if (!row.want_tgrad) continue;
+    // p only here: one more exp per element, unless eps == 1 (w = p)
+    if (row.resident) log_p = log_softmax_of(static_cast<acc_t>(z.v[i]) * row.inv_t, ts.t_max, ts.t_log_sum);
+    const acc_t p_c = eps == acc_t(1) ? p_or_w : ofa_exp(log_p);
+    const acc_t h = is_y ? f.h_target : class_weight_grad_times_p(w_c, eps, log_q);
+    const acc_t contribution = teacher_grad_from_products(h, p_c, f.sum_h, f.scale_over_t);
+    if (row.resident) {
+      row.t_acc[row.scratch_index(i)] += contribution;
+    } else {
+      t_contrib[i] = contribution;
+    }
+  }
+}
+
+// Gradient pass of branch k: student gradient (S q - w) scale / T and the teacher contribution
+// (h - p H) scale / T; a streamed row re-reads its slots in reverse chunk order (likeliest in L2).
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN void branch_gradients(const Ops& ops, const LaunchParams<scalar_t>& P, const RowPlan<scalar_t>& row,
+                                 const TeacherStats<acc_of<scalar_t>>& ts, const ResidentSlots<scalar_t>& res, int k,
+                                 const BranchFinal<acc_of<scalar_t>> f,  // a copy: rank 0 reuses the slot at k + 2
+                                 const Pack<scalar_t>& x_resident) {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* x_row = branch_row(P, k, row.b);
+  const bool x_aligned = phase_of(x_row) == row.phase;
+  scalar_t* g_row = branch_grad_row(P, k, row.b);
+  const bool g_aligned = phase_of(g_row) == row.phase;
+  const bool last_branch = k + 1 == P.num_branches;
+  for (int j = row.nchunks - 1; j >= 0; --j) {
+    const int e0 = row.slot_start(j);
+    if (!row.overlaps_row(e0)) continue;
+    Pack<scalar_t> x = x_resident, z = res.z;
+    if (!row.resident) {
+      x = load_slot(ops, x_row, e0, row.C, x_aligned, true);
+      z = load_slot(ops, row.t_row, e0, row.C, row.t_aligned, last_branch);
+    }
+    Pack<scalar_t> out;
+    acc_t t_contrib[Pack<scalar_t>::kWidth];  // streamed rows only
+    slot_gradients(row, ts, f, P.eps[k], e0, x, z, out, t_contrib);
+    store_slot(ops, g_row, e0, row.C, g_aligned, out);
+    if (row.want_tgrad && !row.resident) {
+      write_teacher_slot(ops, P, row.b, e0, t_contrib, k == 0 && !P.tg_accumulate,
+                         last_branch && P.grad_teacher != nullptr, row.phase);
+    }
+  }
+}
+
+// A resident row's teacher gradient, summed over this launch's branches in t_acc, written once.
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN void write_resident_teacher_gradient(const Ops& ops, const LaunchParams<scalar_t>& P,
+                                                const RowPlan<scalar_t>& row) {
+  const int e0 = row.slot_start(0);
+  if (!row.overlaps_row(e0)) return;
+  acc_of<scalar_t> values[Pack<scalar_t>::kWidth];
+OFA_UNROLL
+  for (int i = 0; i < Pack<scalar_t>::kWidth; ++i) values[i] = row.t_acc[row.scratch_index(i)];
+  write_teacher_slot(ops, P, row.b, e0, values, !P.tg_accumulate, P.grad_teacher != nullptr, row.phase);
+}
+
 // The whole computation of row b, run by every thread of its group (see the top of this file).
 // `scratch` is shared memory of 2 * G * W acc_t (see row_scratch_bytes) for a resident row: the
-// weights of each thread's slot and its teacher gradient, element i of thread r at i * G + r (a warp
-// touches consecutive words: no bank conflicts). Registers would do too, but 16-bit inputs (W = 8)
-// then spill. Barriers (ops.sync and inside the reductions) are reached by all threads of
-// the group equally often: every condition around them is uniform over the group. Indices inside
-// a row are 32-bit (the host checks C < 2^31 - 64); row offsets are 64-bit.
+// weights of each thread's slot and its teacher gradient. Registers would do too, but 16-bit inputs
+// (W = 8) then spill.
 template <typename scalar_t, typename Ops>
 OFA_ROW_FN void ofa_row(const Ops& ops, const LaunchParams<scalar_t>& P, int64_t b, RowShared<acc_of<scalar_t>>& sh,
                         acc_of<scalar_t>* scratch) {
-  using acc_t = acc_of<scalar_t>;
-  using PackT = Pack<scalar_t>;
-  constexpr int W = PackT::kWidth;
-  const int nk = P.num_branches;
-  const int C = static_cast<int>(P.C);
-  const acc_t inv_t = P.inv_t;
-  const bool want_grad = P.grad_scale != nullptr;
-  const bool want_tgrad = want_grad && P.teacher_grad;
-  const int64_t target = P.target[b];
-  const bool y_ok = target >= 0 && target < C;
-  const int y = y_ok ? static_cast<int>(target) : -1;  // -1: no element is the target
-
-  // The slot layout of this row: the phase most of its rows share.
-  const scalar_t* t_row = P.teacher + b * P.teacher_stride;
-  unsigned long long votes = 0;
-  vote_phase(votes, t_row);
-  for (int k = 0; k < nk; ++k) {
-    vote_phase(votes, P.branch[k] + b * P.branch_stride[k]);
-    if (want_grad) vote_phase(votes, P.grad_branches + (k * P.B + b) * P.C);
-  }
-  if (want_tgrad && P.grad_teacher != nullptr) vote_phase(votes, P.grad_teacher + b * P.C);
-  const int phase = winning_phase<scalar_t>(votes);
-  const bool t_aligned = phase_of(t_row) == phase;
-
-  const int G = ops.size();
-  const int r = ops.rank();
-  const int nslots = (C + phase + W - 1) / W;
-  const int nchunks = (nslots + G - 1) / G;
-  // One slot per thread: the teacher slot and the current branch slot stay in registers and every
-  // logit is read once. Otherwise each pass streams the row again (from L2 when it is still there).
-  const bool resident = nchunks == 1;
-  const int e0_resident = r * W - phase;
-  acc_t* const w_res = scratch;          // [W][G]: resident weights for eps = w_res_eps
-  acc_t* const t_acc = scratch + W * G;  // [W][G]: resident teacher gradient
-
-  // ---------------------------------------------------------------- teacher: max and log-sum
-  PackT z_res{};
-  PackT x_next{};  // resident: the next branch's slot, loaded one branch ahead
-  Partial<acc_t> tp = empty_partial<acc_t>();
-  for (int j = 0; j < nchunks; ++j) {
-    const int e0 = (j * G + r) * W - phase;
-    const PackT z = load_slot(ops, t_row, e0, C, t_aligned, resident);
-    if (resident) {
-      z_res = z;
-      const scalar_t* x0 = P.branch[0] + b * P.branch_stride[0];
-      x_next = load_slot(ops, x0, e0, C, phase_of(x0) == phase, true);
+  const RowPlan<scalar_t> row = plan_row(ops, P, b, scratch);
+  ResidentSlots<scalar_t> res;
+  const TeacherStats<acc_of<scalar_t>> ts = teacher_pass(ops, P, row, sh, res);
+  for (int k = 0; k < P.num_branches; ++k) {  // a loop, not unrolled: code size does not grow with K
+    const Pack<scalar_t> x_resident = res.x_next;
+    if (row.resident && k + 1 < P.num_branches) {  // in flight during this branch's reductions
+      const scalar_t* x1 = branch_row(P, k + 1, b);
+      res.x_next = load_slot(ops, x1, row.slot_start(0), row.C, phase_of(x1) == row.phase, true);
     }
-    add_teacher_slot(tp, z, e0, C, inv_t);
+    const BranchFinal<acc_of<scalar_t>>& f = branch_loss(ops, P, row, ts, sh, res, k, x_resident);
+    if (row.want_grad) branch_gradients(ops, P, row, ts, res, k, f, x_resident);
   }
-  const acc_t t_max = ops.reduce_max(tp.m);  // in every thread
-  const Sums t_sums = ops.reduce_sum(rebased_sums(tp, t_max));  // at rank 0
-  acc_t p_y = acc_t(0), log1p_p_y = acc_t(0);  // rank 0 only
-  if (r == 0) {
-    sh.t_log_sum = ofa_log(static_cast<acc_t>(t_sums.d));
-    if (y_ok) p_y = ofa_exp(log_softmax_of(static_cast<acc_t>(ops.load_one(t_row + y)) * inv_t, t_max, sh.t_log_sum));
-    log1p_p_y = ofa_log1p(p_y);
-  }
-  if (want_tgrad && resident) {
-OFA_UNROLL
-    for (int i = 0; i < W; ++i) t_acc[i * G + r] = acc_t(0);
-  }
-  ops.sync();
-  const acc_t t_log_sum = sh.t_log_sum;
-
-  // Resident row: the weights of this thread's slot, recomputed only when eps changes (OFA usually
-  // gives every branch the same eps: one exp per element per row instead of one per branch).
-  acc_t w_res_eps = acc_t(0);  // 0: none yet (every eps is > 0)
-
-  for (int k = 0; k < nk; ++k) {
-    const scalar_t* x_row = P.branch[k] + b * P.branch_stride[k];
-    const bool x_aligned = phase_of(x_row) == phase;
-    const acc_t eps = P.eps[k];
-    const PackT x_cur = x_next;
-    if (resident && k + 1 < nk) {  // in flight during this branch's reductions
-      const scalar_t* x1 = P.branch[k + 1] + b * P.branch_stride[k + 1];
-      x_next = load_slot(ops, x1, e0_resident, C, phase_of(x1) == phase, true);
-    }
-
-    // ------------------------------------------------------------ branch statistics and loss
-    Partial<acc_t> q = empty_partial<acc_t>();
-    if (resident) {
-      acc_t w[W];
-      if (eps != w_res_eps) {
-        slot_weights(z_res, inv_t, t_max, t_log_sum, eps, w);
-OFA_UNROLL
-        for (int i = 0; i < W; ++i) w_res[i * G + r] = w[i];
-        w_res_eps = eps;
-      } else {
-OFA_UNROLL
-        for (int i = 0; i < W; ++i) w[i] = w_res[i * G + r];
-      }
-      add_branch_slot(q, x_cur, w, e0_resident, C, y, inv_t);
-    } else {
-      for (int j = 0; j < nchunks; ++j) {
-        const int e0 = (j * G + r) * W - phase;
-        if (e0 + W <= 0 || e0 >= C) continue;
-        // Without gradients this is the branch row's only read; the teacher is read by every branch.
-        const PackT x = load_slot(ops, x_row, e0, C, x_aligned, !want_grad);
-        const PackT z = load_slot(ops, t_row, e0, C, t_aligned, false);
-        acc_t w[W];
-        slot_weights(z, inv_t, t_max, t_log_sum, eps, w);
-        add_branch_slot(q, x, w, e0, C, y, inv_t);
-      }
-    }
-    const acc_t x_max = ops.reduce_max(q.m);  // in every thread
-    // At rank 0, over c != y: d = sum exp(x - x_max), gap = sum w (x_max - x), s = sum w.
-    const Sums x_sums = ops.reduce_sum(rebased_sums(q, x_max));
-    BranchFinal<acc_t>& shared_final = sh.branch[k & 1];
-    if (r == 0) {
-      const acc_t log_d = ofa_log(static_cast<acc_t>(x_sums.d));
-      const acc_t gap_nt = static_cast<acc_t>(x_sums.gap), s_nt = static_cast<acc_t>(x_sums.s);
-      const acc_t x_y = y_ok ? static_cast<acc_t>(ops.load_one(x_row + y)) * inv_t : acc_t(0);
-      const acc_t w_y = eps == acc_t(1) ? p_y : target_weight(p_y, eps);
-      const acc_t weight_sum = eps == acc_t(1) ? acc_t(1) : s_nt + w_y;  // S = 1 exactly for eps = 1, as on CPU
-      const acc_t loss = row_loss(weight_sum, gap_nt + w_y * (x_max - x_y), log_d);
-      P.loss_rows[k * P.B + b] = y_ok ? loss : quiet_nan<acc_t>();
-      if (want_grad) {
-        shared_final.x_max = x_max;
-        shared_final.x_log_sum = log_d;
-        shared_final.weight_sum = weight_sum;
-        shared_final.w_target = w_y;
-        shared_final.h_target = p_y * weight_grad(log1p_p_y, eps, log_softmax_of(x_y, x_max, log_d));
-        // H = sum_c p_c g_c = eps * sum_{c != y} w_c (-log q_c) + h_y: all terms >= 0.
-        shared_final.sum_h = eps * row_loss(s_nt, gap_nt, log_d) + shared_final.h_target;
-        shared_final.scale_over_t =
-            y_ok ? P.grad_scale[k * P.scale_stride_k + b * P.scale_stride_b] * inv_t : quiet_nan<acc_t>();
-      }
-    }
-    // Publishes shared_final; also orders warp 0's reads of the cross-warp scratch of reduce_sum
-    // before the next reduce_sum's writes, and everyone's copy of slot k & 1 before rank 0 rewrites
-    // it for branch k + 2.
-    ops.sync();
-    if (!want_grad) continue;
-
-    // ------------------------------------------------------------ gradients of branch k
-    const BranchFinal<acc_t> f = shared_final;
-    scalar_t* g_row = P.grad_branches + (k * P.B + b) * P.C;
-    const bool g_aligned = phase_of(g_row) == phase;
-    const bool last_branch = k + 1 == nk;
-    for (int j = nchunks - 1; j >= 0; --j) {  // reverse: the chunks read last are likeliest in L2
-      const int e0 = (j * G + r) * W - phase;
-      if (e0 + W <= 0 || e0 >= C) continue;
-      PackT x = x_cur, z = z_res;
-      if (!resident) {
-        x = load_slot(ops, x_row, e0, C, x_aligned, true);
-        z = load_slot(ops, t_row, e0, C, t_aligned, last_branch);
-      }
-      PackT out;
-      acc_t t_contrib[W];  // streamed rows only
-OFA_UNROLL
-      for (int i = 0; i < W; ++i) {
-        const bool is_y = e0 + i == y;
-        acc_t log_p = acc_t(0), w_c;
-        if (resident) {
-          w_c = w_res[i * G + r];
-        } else {
-          log_p = log_softmax_of(static_cast<acc_t>(z.v[i]) * inv_t, t_max, t_log_sum);
-          w_c = eps == acc_t(1) ? ofa_exp(log_p) : class_weight(log_p, eps);
-        }
-        const acc_t p_or_w = w_c;  // p_c when eps == 1
-        if (is_y) w_c = f.w_target;
-        const acc_t log_q = log_softmax_of(static_cast<acc_t>(x.v[i]) * inv_t, f.x_max, f.x_log_sum);
-        const acc_t q_c = ofa_exp(log_q);
-        out.v[i] = static_cast<scalar_t>(student_grad(f.weight_sum, q_c, w_c, f.scale_over_t));
-        if (want_tgrad) {  // p only here: one more exp per element, unless eps == 1 (w = p)
-          if (resident) log_p = log_softmax_of(static_cast<acc_t>(z.v[i]) * inv_t, t_max, t_log_sum);
-          const acc_t p_c = eps == acc_t(1) ? p_or_w : ofa_exp(log_p);
-          const acc_t h = is_y ? f.h_target : class_weight_grad_times_p(w_c, eps, log_q);
-          const acc_t contribution = teacher_grad_from_products(h, p_c, f.sum_h, f.scale_over_t);
-          if (resident) {
-            t_acc[i * G + r] += contribution;
-          } else {
-            t_contrib[i] = contribution;
-          }
-        }
-      }
-      store_slot(ops, g_row, e0, C, g_aligned, out);
-      if (want_tgrad && !resident) {
-        write_teacher_slot(ops, P, b, e0, t_contrib, k == 0 && !P.tg_accumulate,
-                           last_branch && P.grad_teacher != nullptr, phase);
-      }
-    }
-  }
-  if (want_tgrad && resident && e0_resident + W > 0 && e0_resident < C) {
-    acc_t values[W];
-OFA_UNROLL
-    for (int i = 0; i < W; ++i) values[i] = t_acc[i * G + r];
-    write_teacher_slot(ops, P, b, e0_resident, values, !P.tg_accumulate, P.grad_teacher != nullptr, phase);
-  }
-}
-
-// ------------------------------------------------------------------------------------ host side
-
-// How a call is launched (see ofa_loss_cuda.cu for the shapes of the reference problems): one
-// block per row, the smallest power of two >= the row's slots threads (32 .. kMaxRowThreads).
-struct LaunchShape {
-  int threads;          // per block = per row
-  int64_t blocks;       // = B
-  int64_t chunks;       // slots per thread for the worst phase: 1 = the row stays in registers
-  size_t shared_bytes;  // dynamic shared memory: ofa_row's scratch
-};
-
-// ofa_row's scratch: 2 * threads * W acc_t (8 KB for 256 threads in fp32, 32 KB at most).
-inline size_t row_scratch_bytes(int threads, int elem_size) {
-  const size_t acc_size = elem_size == 8 ? 8 : 4;
-  return 2 * static_cast<size_t>(threads) * static_cast<size_t>(16 / elem_size) * acc_size;
-}
-
-// `threads` > 0 forces the group size (the host emulator's tests use tiny groups to stream rows).
-inline LaunchShape plan_launch(int64_t B, int64_t C, int elem_size, int threads = 0) {
-  const int64_t W = 16 / elem_size;
-  const int64_t slots = (C + 2 * W - 2) / W;  // ceil((C + phase) / W) for the worst phase W - 1
-  if (threads <= 0) {
-    threads = kWarpSize;
-    while (threads < slots && threads < kMaxRowThreads) threads *= 2;
-  }
-  LaunchShape shape;
-  shape.threads = threads;
-  shape.blocks = B;
-  shape.chunks = (slots + threads - 1) / threads;
-  shape.shared_bytes = row_scratch_bytes(threads, elem_size);
-  return shape;
-}
-
-// One call of the op, in pointers (outputs allocated by the caller).
-template <typename scalar_t>
-struct Problem {
-  using acc_t = acc_of<scalar_t>;
-  std::vector<const scalar_t*> branch;  // K branch matrices [B, C], row 0
-  std::vector<int64_t> branch_stride;
-  std::vector<double> eps;
-  const scalar_t* teacher = nullptr;
-  int64_t teacher_stride = 0;
-  const int64_t* target = nullptr;
-  int64_t B = 0, C = 0;
-  double temperature = 1.0;
-  acc_t* loss_rows = nullptr;         // [K, B]
-  const acc_t* grad_scale = nullptr;  // null: no gradients
-  int64_t scale_stride_k = 0, scale_stride_b = 0;
-  scalar_t* grad_branches = nullptr;  // [K, B, C]
-  scalar_t* grad_teacher = nullptr;   // [B, C], or null: no teacher gradient
-  // [B, C] acc_t, required by the teacher gradient when needs_teacher_workspace (may be grad_teacher
-  // itself when scalar_t is acc_t).
-  acc_t* teacher_workspace = nullptr;
-};
-
-inline int64_t branch_launches(int64_t K) { return (K + kMaxBranchesPerLaunch - 1) / kMaxBranchesPerLaunch; }
-
-// The teacher gradient is summed in memory (not in registers) when a row is streamed in several
-// chunks or the branches take several launches.
-inline bool needs_teacher_workspace(int64_t K, const LaunchShape& shape) {
-  return shape.chunks > 1 || branch_launches(K) > 1;
-}
-
-// Calls launch(params) once per group of at most kMaxBranchesPerLaunch consecutive branches. Each
-// group adds its teacher gradient to the previous groups' sum; the last writes the final value.
-template <typename scalar_t, typename Launch>
-void launch_branch_groups(const Problem<scalar_t>& pb, Launch&& launch) {
-  using acc_t = acc_of<scalar_t>;
-  const int64_t K = static_cast<int64_t>(pb.branch.size());
-  const bool want_tgrad = pb.grad_scale != nullptr && pb.grad_teacher != nullptr;
-  for (int64_t k0 = 0; k0 < K; k0 += kMaxBranchesPerLaunch) {
-    const int n = static_cast<int>(K - k0 < kMaxBranchesPerLaunch ? K - k0 : kMaxBranchesPerLaunch);
-    LaunchParams<scalar_t> P;
-    std::memset(&P, 0, sizeof(P));
-    for (int k = 0; k < n; ++k) {
-      P.branch[k] = pb.branch[k0 + k];
-      P.branch_stride[k] = pb.branch_stride[k0 + k];
-      P.eps[k] = static_cast<acc_t>(pb.eps[k0 + k]);
-    }
-    P.num_branches = n;
-    P.teacher = pb.teacher;
-    P.teacher_stride = pb.teacher_stride;
-    P.target = pb.target;
-    P.B = pb.B;
-    P.C = pb.C;
-    P.inv_t = static_cast<acc_t>(1.0 / pb.temperature);
-    P.loss_rows = pb.loss_rows + k0 * pb.B;
-    if (pb.grad_scale != nullptr) {
-      P.grad_scale = pb.grad_scale + k0 * pb.scale_stride_k;
-      P.scale_stride_k = pb.scale_stride_k;
-      P.scale_stride_b = pb.scale_stride_b;
-      P.grad_branches = pb.grad_branches + k0 * pb.B * pb.C;
-    }
-    if (want_tgrad) {
-      P.teacher_grad = true;
-      P.tg_accumulate = k0 > 0;
-      P.tg_work = pb.teacher_workspace;
-      if (k0 + n >= K) P.grad_teacher = pb.grad_teacher;
-    }
-    launch(P);
-  }
+  if (row.want_tgrad && row.resident) write_resident_teacher_gradient(ops, P, row);
 }
 
 }  // namespace cuda_kernel

@@ -68,15 +68,6 @@ OFA_HOST_DEVICE T weight_grad(T log_base, T eps, T log_q) {
   return T(-1) * eps * ofa_exp((eps - T(1)) * log_base) * log_q;
 }
 
-// Teacher gradient of one element, already multiplied by (upstream scale / T):
-// p_c * (g_c - sum_j p_j g_j) * scale_over_T.
-template <typename T>
-OFA_HOST_DEVICE T teacher_grad(T p, T g, T p_dot_g, T scale_over_T) {
-  return p * (g - p_dot_g) * scale_over_T;
-}
-
-// ---- Added for the CUDA kernel; the functions above keep their signatures and meaning. ----
-
 // p_c * dl/dp_c of a non-target class written with its weight w_c = p_c ** eps:
 // p_c * (-eps * p_c ** (eps - 1) * log_q_c) = -eps * w_c * log_q_c. Unlike p * weight_grad(log p, ...)
 // it never forms p ** (eps - 1), which overflows (inf * 0 = NaN) for eps < 1 where p underflows.
@@ -86,8 +77,8 @@ OFA_HOST_DEVICE T class_weight_grad_times_p(T w, T eps, T log_q) {
 }
 
 // Teacher gradient of one element from the products h_c = p_c * g_c and their row sum
-// H = sum_j p_j g_j, already multiplied by (upstream scale / T): (h_c - p_c * H) * scale_over_T.
-// The same value as teacher_grad(p, g, H, scale_over_T), without dividing h by p.
+// H = sum_j p_j g_j, already multiplied by (upstream scale / T): (h_c - p_c * H) * scale_over_T,
+// i.e. p_c * (g_c - H) * scale_over_T without dividing h by p.
 template <typename T>
 OFA_HOST_DEVICE T teacher_grad_from_products(T h, T p, T sum_h, T scale_over_T) {
   return (h - p * sum_h) * scale_over_T;

@@ -1,13 +1,16 @@
-"""The CUDA kernel's checks, shared by the GPU tests and the host emulation of its row program.
+"""The CUDA kernel's adapters and helpers for ``test_cuda_kernel.py``, whose two targets are the real
+kernel on a GPU and its row program emulated on the host.
 
-Both adapters below have the contract of ``ofakd_fast_C::fused_forward`` and the method name the
-shared checks of ``tests/triton_checks.py`` call (``ofa_fused_forward_triton``), so the CUDA kernel
-is held to exactly the same checks as the Triton kernel:
+Both adapters below have the contract of ``ofakd_fast_C::fused_forward`` (method ``fused_forward``) and
+the method name the shared checks of ``tests/loss/triton_checks.py`` call
+(``ofa_fused_forward_triton``), so the CUDA kernel is held to exactly the same checks as the Triton
+kernel:
 
-* :class:`CompiledCudaOp` calls the compiled op (CUDA tensors; ``test_cuda_gpu.py``);
+* :class:`CompiledCudaOp` calls the compiled op (CUDA tensors; target ``gpu``);
 * :class:`EmulatedCudaKernel` runs ``csrc/ofa_loss_cuda_row.cuh`` on the host through
-  ``tests/cuda_emulator.cpp`` (CPU tensors; ``test_cuda_emulated.py``), with the CUDA host code's launch
-  plan, the same output allocation and a check of every memory access.
+  ``tests/loss/cuda_emulator.cpp`` (CPU tensors; target ``host-emulated``), with the CUDA host code's
+  launch plan (``csrc/ofa_loss_cuda_launch.h``), the same output allocation and a check of every
+  memory access.
 
 ``max_block`` (a Triton tiling knob the checks pass) is ignored; an emulated kernel takes a row group
 size instead (``threads``), small ones make it stream rows in several chunks.
@@ -30,6 +33,7 @@ import triton_checks as checks  # noqa: E402,F401  (re-exported for the test mod
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 EMULATOR_SOURCE = Path(__file__).resolve().parent / "cuda_emulator.cpp"
+EMULATED_HEADERS = ("ofa_loss_cuda_launch.h", "ofa_loss_cuda_row.cuh", "ofa_row_math.h")  # what it includes
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -46,6 +50,9 @@ class CompiledCudaOp:
 
     def ofa_fused_forward_triton(self, branches, teacher, target, eps, temperature, grad_scale, teacher_grad,
                                  max_block=None):
+        return self.fused_forward(branches, teacher, target, eps, temperature, grad_scale, teacher_grad)
+
+    def fused_forward(self, branches, teacher, target, eps, temperature, grad_scale, teacher_grad):
         return torch.ops.ofakd_fast_C.fused_forward(list(branches), teacher, target, eps, float(temperature),
                                                     grad_scale, bool(teacher_grad))
 
@@ -59,8 +66,8 @@ def emulator_unavailable_reason() -> Optional[str]:
 
 
 def _build_emulator() -> Path:
-    """Compiles tests/cuda_emulator.cpp (plus the headers it includes) into a cached shared library."""
-    sources = [EMULATOR_SOURCE, CSRC / "ofa_loss_cuda_row.cuh", CSRC / "ofa_row_math.h"]
+    """Compiles tests/loss/cuda_emulator.cpp (plus the headers it includes) into a cached shared library."""
+    sources = [EMULATOR_SOURCE, *(CSRC / name for name in EMULATED_HEADERS)]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + torch.__version__.encode()).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / f"ofakd_cuda_emulator_{os.getuid()}"
     out_dir.mkdir(exist_ok=True)
@@ -92,13 +99,12 @@ def emulator_library():
         lib.ofa_emulator_plan.restype = None
         lib.ofa_emulator_plan.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                                           ctypes.POINTER(ctypes.c_int64)]
-        lib.ofa_emulator_max_branches_per_launch.restype = ctypes.c_int
         _LIBRARY = lib
     return _LIBRARY
 
 
 def launch_plan(K: int, B: int, C: int, dtype: torch.dtype, threads: int = 0) -> dict:
-    """The CUDA host code's launch plan (plan_launch in csrc/ofa_loss_cuda_row.cuh); threads > 0 forces
+    """The CUDA host code's launch plan (plan_launch in csrc/ofa_loss_cuda_launch.h); threads > 0 forces
     the row group size."""
     out = (ctypes.c_int64 * 4)()
     emulator_library().ofa_emulator_plan(K, B, C, torch.empty(0, dtype=dtype).element_size(), threads, out)
@@ -112,7 +118,7 @@ def _ptr(t: Optional[torch.Tensor]):
 class EmulatedCudaKernel:
     """The CUDA kernel's row program on the host, with fused_forward's contract (CPU tensors).
 
-    Mirrors fused_forward_cuda in csrc/ofa_loss_cuda.cu: the same checks, outputs, workspace rule and
+    Mirrors fused_forward_cuda in csrc/ofa_loss_cuda_op.cpp: the same checks, outputs, workspace rule and
     launch planning. Outputs start as NaN so an element the kernel forgets to write is caught.
     """
 

@@ -8,9 +8,9 @@
 // declared (read-only inputs, writable outputs), and a 16-byte access must be 16-byte aligned (as
 // the GPU requires). Violations are counted and returned; the test requires zero.
 //
-// Built by tests/cuda_checks.py with g++ as a plain shared library (c10's Half/BFloat16 headers only,
-// no libtorch) and called through ctypes; the branch launches are planned by the same
-// launch_branch_groups / plan_launch the CUDA host code uses.
+// Built by tests/loss/cuda_checks.py with g++ as a plain shared library (c10's Half/BFloat16 headers
+// only, no libtorch) and called through ctypes; the branch launches are planned by the same
+// launch_branch_groups / plan_launch (csrc/ofa_loss_cuda_launch.h) the CUDA host code uses.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -22,7 +22,7 @@
 #include <thread>
 #include <vector>
 
-#include "ofa_loss_cuda_row.cuh"
+#include "ofa_loss_cuda_launch.h"
 
 namespace {
 
@@ -213,8 +213,6 @@ void ofa_emulator_plan(int64_t K, int64_t B, int64_t C, int elem_size, int threa
   out[2] = shape.chunks;
   out[3] = needs_teacher_workspace(K, shape) ? 1 : 0;
 }
-
-int ofa_emulator_max_branches_per_launch() { return kMaxBranchesPerLaunch; }
 
 // dtype: 0 float32, 1 float64, 2 bfloat16, 3 float16. threads: row group size (0: the CUDA plan's).
 // regions: num_regions triples (address, bytes, writable). Returns the number of bad memory accesses;

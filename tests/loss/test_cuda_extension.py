@@ -3,8 +3,8 @@
 A real build check on machines with nvcc: `pip install -e .` (scripts/setup.sh, hence CI) compiles
 csrc/ofa_loss_cuda.cu, and these tests fail if the module or its registration is missing. Without nvcc
 (or with a CPU-only PyTorch, or OFAKD_BUILD_CUDA=0) the extension is not built and this module is skipped.
-The kernel's results are tested on a GPU (test_cuda_gpu.py) and, without one, by running its row
-program on the host (test_cuda_emulated.py).
+The kernel's results are tested in test_cuda_kernel.py, on a GPU and, without one, by running its row
+program on the host.
 """
 import importlib
 import os
