@@ -5,17 +5,19 @@ from torch import nn
 
 from .base import BaseDistiller, VanillaDistiller, model_input_size, model_name, total_loss
 from .kd import KDDistiller
+from .logit_baselines import BKD, DIST, DKD
 from .ofa import OFADistiller, stage_indices
 
-DISTILLERS = {"ofa": OFADistiller, "kd": KDDistiller, "vanilla": VanillaDistiller}
+DISTILLERS = {"ofa": OFADistiller, "kd": KDDistiller, "bkd": BKD, "dkd": DKD, "dist": DIST,
+              "vanilla": VanillaDistiller}
 
 
 def build_distiller(name: str, student: nn.Module, teacher: Optional[nn.Module], **kwargs) -> BaseDistiller:
-    """The distiller called `name` ('ofa', 'kd' or 'vanilla'), built with `kwargs`."""
+    """The distiller registered as `name` (a key of DISTILLERS), built with `kwargs`."""
     if name not in DISTILLERS:
         raise ValueError(f"unknown distiller {name!r}: expected one of {', '.join(map(repr, DISTILLERS))}")
     return DISTILLERS[name](student, teacher, **kwargs)
 
 
-__all__ = ["BaseDistiller", "VanillaDistiller", "KDDistiller", "OFADistiller", "DISTILLERS", "build_distiller",
-           "model_input_size", "model_name", "stage_indices", "total_loss"]
+__all__ = ["BaseDistiller", "VanillaDistiller", "KDDistiller", "BKD", "DKD", "DIST", "OFADistiller", "DISTILLERS",
+           "build_distiller", "model_input_size", "model_name", "stage_indices", "total_loss"]
