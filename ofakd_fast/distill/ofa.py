@@ -3,9 +3,17 @@ Knowledge Distillation", NeurIPS 2023): projector heads on intermediate student 
 student's own logits, all distilled against the teacher in one fused
 :func:`~ofakd_fast.loss.ofa_loss_multi` call."""
 import math
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.models.beit import Beit
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..loss import ofa_loss_multi
@@ -15,28 +23,72 @@ from .projectors import SpatialProjector, TokenProjector, init_projector, merges
 PAPER_BLOCK_TAPS = (1, 3, 9, 11)  # blocks (from 0) a 12-block ViT exposes as stages 1-4 in the paper
 
 
-def stage_indices(model: nn.Module, stages: Sequence[int]) -> list:
-    """Index of each stage's feature among the levels of ``model.forward_intermediates``.
+@dataclass(frozen=True)
+class OriginalFamily:
+    """How the original implementation (Hao840/OFAKD) taps and projects a model family.
+
+    tokens: the original's ``stage_info`` gives (tokens, width) shapes, so ``is_cnn_model`` is false and
+        the student gets the token projector (distillers/utils.py, distillers/ofa.py), at the width of
+        the student's final features (``stage_info(-1)``).
+    stage4_is_head: stage 4 is the output of the head conv (the final features), not of the last block.
+    """
+    tokens: bool
+    stage4_is_head: bool = False
+
+
+# The families the original's custom_forward/*.py define ``stage_info`` for, keyed by timm model class
+# (subclasses included: DeiT distilled is a VisionTransformer). Its stage taps agree with timm's
+# forward_intermediates / feature_info except where noted; its custom models (MobileNetV1, CycleMLP,
+# Hire-MLP, ViP) are not timm classes and keep the form-based choice, like every family not listed.
+ORIGINAL_FAMILIES = {
+    ResNet: OriginalFamily(tokens=False),  # custom_forward/resnet.py: layer1..layer4 outputs
+    ConvNeXt: OriginalFamily(tokens=False),  # custom_forward/convnext.py: stages[0..3] outputs
+    # custom_forward/efficientnet.py (mobilenetv2_100): stages 1-3 end blocks[1], blocks[2], blocks[4]
+    # (24, 32, 96 channels: timm's stage ends), stage 4 is conv_head + bn2 (1280 channels, index 17)
+    EfficientNet: OriginalFamily(tokens=False, stage4_is_head=True),
+    # custom_forward/swin_transformer.py: the last block of each stage, as (L, C) tokens, e.g. Swin-T
+    # stage 1 (3136, 96), stage 4 (49, 768), final width 768
+    SwinTransformer: OriginalFamily(tokens=True),
+    VisionTransformer: OriginalFamily(tokens=True),  # custom_forward/vision_transformer.py: blocks 1, 3, 9, 11
+    Beit: OriginalFamily(tokens=True),  # custom_forward/beit.py: blocks 1, 3, 9, 11 (24 blocks: 1, 3, 21, 23)
+    MlpMixer: OriginalFamily(tokens=True),  # custom_forward/mlp_mixer.py (Mixer, ResMLP): blocks 1, 3, 9, 11
+}
+
+
+def original_family(model: nn.Module) -> Optional[OriginalFamily]:
+    """The :data:`ORIGINAL_FAMILIES` entry of the model's class or its nearest listed base class, if any."""
+    return next((ORIGINAL_FAMILIES[cls] for cls in type(model).__mro__ if cls in ORIGINAL_FAMILIES), None)
+
+
+def stage_indices(model: nn.Module, stages: Sequence[int]) -> List[Optional[int]]:
+    """Index of each stage's feature among the levels of ``model.forward_intermediates``; None for a stage
+    that is the model's final features (the first result of ``forward_intermediates``).
 
     Hierarchical models (features at several strides; CNNs, Swin): stage k is the last feature
     of the k-th of the four deepest strides, i.e. the output of stage k of a 4-stage network
-    (a ResNet's stem level is skipped). Isotropic models (one stride; ViT, MLP-Mixer): the
-    blocks the paper taps in a 12-block ViT, (1, 3, 9, 11), at the same relative depth.
+    (a ResNet's stem level is skipped); for EfficientNet / MobileNetV2 stage 4 is the head conv's
+    output (None), as in the original (see :data:`ORIGINAL_FAMILIES`). Isotropic models (one stride;
+    ViT, MLP-Mixer): the blocks the paper taps in a 12-block ViT, (1, 3, 9, 11), at the same relative
+    depth; for the original's families with D >= 12 blocks its rule (1, 3, D - 3, D - 1).
     """
     if not stages or len(set(stages)) != len(stages) or any(stage not in (1, 2, 3, 4) for stage in stages):
         raise ValueError(f"stages must be distinct values among 1, 2, 3, 4; got {tuple(stages)}")
+    family = original_family(model)
     reductions = [level["reduction"] for level in model.feature_info]
     last_level_at = {reduction: index for index, reduction in enumerate(reductions)}
     if len(last_level_at) == 1:
-        scale = (len(reductions) - 1) / PAPER_BLOCK_TAPS[-1]
+        depth = len(reductions)
+        if family is not None and depth >= 12:  # custom_forward/vision_transformer.py, mlp_mixer.py, beit.py
+            return [(1, 3, depth - 3, depth - 1)[stage - 1] for stage in stages]
+        scale = (depth - 1) / PAPER_BLOCK_TAPS[-1]
         return [math.floor(PAPER_BLOCK_TAPS[stage - 1] * scale + 0.5) for stage in stages]
     stage_ends = [last_level_at[reduction] for reduction in sorted(last_level_at)]
     first = len(stage_ends) - 4  # position of stage 1; stage 4 is the deepest stride
     if first + min(stages) - 1 < 0:
         raise ValueError(f"{model_name(model)} has {len(stage_ends)} feature strides, too few for stages "
                          f"{tuple(stages)} (stage 4 is the deepest stride)")
-    return [stage_ends[first + stage - 1] for stage in stages]
-
+    head_stage = 4 if family is not None and family.stage4_is_head else None
+    return [None if stage == head_stage else stage_ends[first + stage - 1] for stage in stages]
 
 
 class OFADistiller(BaseDistiller):
@@ -46,7 +98,7 @@ class OFADistiller(BaseDistiller):
     Args:
         student: a timm model with ``forward_intermediates``, ``forward_head`` and ``feature_info``.
         teacher: any model returning logits [B, classes]; its ``num_features`` (if any) sets the
-            width of the convolutional projectors, as in the paper.
+            width of the convolutional projectors, as in the paper. It is not run at construction.
         stages: student stages (1-4) that get a projector; see :func:`stage_indices`.
         eps: the OFA exponent, one value or one per stage plus one for the final logits.
         temperature: the OFA temperature.
@@ -58,12 +110,21 @@ class OFADistiller(BaseDistiller):
             of token projectors, so pass the training resolution for token students.
         backend: the OFA loss backend ('auto', 'cpu', 'cuda', 'triton', 'reference').
 
-    The projector's form follows the form of the student's final features: a token sequence
-    [B, N, C] (ViT, MLP-Mixer) gets a :class:`TokenProjector` (prefix tokens are passed along),
-    a map (CNNs [B, C, H, W], Swin [B, H, W, C]) gets a :class:`SpatialProjector`. Intermediates
-    are always requested as NCHW maps, the format every timm ``forward_intermediates`` accepts.
-    Token projectors keep the tapped feature's width (the student's width for ViT and Mixer, as
-    in the paper); convolutional ones widen to max(student, teacher ``num_features``).
+    Projectors follow the original implementation (Hao840/OFAKD distillers/ofa.py) for the families
+    it covers (:data:`ORIGINAL_FAMILIES`): CNNs (ResNet, ConvNeXt, MobileNetV2) get a
+    :class:`SpatialProjector` widening to max(student, teacher ``num_features``); ViT / DeiT, BEiT,
+    MLP-Mixer / ResMLP and Swin get a :class:`TokenProjector` at the student's final width
+    (``num_features``): merges of the patch grid toward 7x7 (the first one to that width), ``max(4 -
+    stage, 1)`` blocks, a classifier. Other families keep the form-based choice: final features that
+    are a token sequence [B, N, C] get a :class:`TokenProjector` at the tapped feature's width, maps get
+    a :class:`SpatialProjector`. Intermediates are always requested as NCHW maps, the format every timm
+    ``forward_intermediates`` accepts; prefix tokens (class, distillation, register) are passed along.
+
+    The token classifier reads the class token whenever the student has one (``cls_token``), as the
+    original does (it reads the first ``num_tokens`` tokens), else the mean of the patch tokens. For a
+    DeiT student with a distillation token, where the original leaves a todo, it reads the class token
+    alone: the distillation token passes through the blocks as context, so every projector keeps one
+    classifier of the student's width.
     """
 
     default_loss_weights = {"gt": 1.0, "kd": 1.0, "ofa": 1.0}
@@ -91,24 +152,29 @@ class OFADistiller(BaseDistiller):
         self.backend = backend
 
         indices = stage_indices(student, self.stages)
-        self._levels = sorted(set(indices))  # a shallow ViT may map two stages to one block
-        self._level_of_stage = [self._levels.index(i) for i in indices]
+        self._levels = sorted({i for i in indices if i is not None})  # a shallow ViT may map two stages to one block
+        self._level_of_stage = [None if i is None else self._levels.index(i) for i in indices]
         self._prefix_tokens = False  # the probe reads plain maps; set for real from its result
         final, features = self._probe(tuple(input_size) if input_size is not None else model_input_size(student))
-        tokens = final.dim() == 3
+        family = original_family(student)
+        tokens = family.tokens if family is not None else final.dim() == 3
         self._prefix_tokens = tokens and getattr(student, "num_prefix_tokens", 0) > 0
 
         self.projectors = nn.ModuleDict()
         reductions = [level["reduction"] for level in student.feature_info]
         conv_width = max(student.num_features, getattr(teacher, "num_features", 0))
-        use_class_token = getattr(student, "global_pool", None) == "token"
+        use_class_token = getattr(student, "cls_token", None) is not None
         for stage, index, feature in zip(self.stages, indices, features):
             chans, height, width = feature.shape[1:]
             if tokens:
+                # distillers/ofa.py: merges toward a 7x7 grid, max(4 - stage, 1) blocks, at the final width
+                token_width = student.num_features if family is not None else chans
                 projector = TokenProjector(chans, merges_toward_final_grid(min(height, width)), max(4 - stage, 1),
-                                           student.num_classes, use_class_token)
+                                           student.num_classes, use_class_token, out_dim=token_width)
             else:
-                halvings = round(math.log2(reductions[-1] / reductions[index]))
+                # halvings down to the last stride: the original's 4 - stage for its CNNs (distillers/ofa.py)
+                reduction = reductions[-1 if index is None else index]
+                halvings = round(math.log2(reductions[-1] / reduction))
                 projector = SpatialProjector(chans, halvings, conv_width, student.num_classes)
             self.projectors[f"stage{stage}"] = projector
         init_projector(self.projectors)
@@ -128,11 +194,15 @@ class OFADistiller(BaseDistiller):
         """The student's final features and one feature per stage, from a single forward pass.
 
         A stage feature is a [B, C, H, W] map, or a (patch map, prefix tokens [B, P, C]) pair
-        for a token student with class/distillation/register tokens.
+        for a token student with class/distillation/register tokens; a stage at index None is the
+        final features (MobileNetV2's head conv output).
         """
+        if not self._levels:  # every stage is the final features (MobileNetV2 stage 4 alone)
+            final = self.student.forward_features(images)
+            return final, [final] * len(self._level_of_stage)
         extra = {"return_prefix_tokens": True} if self._prefix_tokens else {}
         final, levels = self.student.forward_intermediates(images, indices=self._levels, output_fmt="NCHW", **extra)
-        return final, [levels[i] for i in self._level_of_stage]
+        return final, [final if i is None else levels[i] for i in self._level_of_stage]
 
     def forward(self, images: Tensor, labels: Tensor):
         logits_teacher = self.teacher_logits(images)
