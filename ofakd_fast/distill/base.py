@@ -64,6 +64,22 @@ def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
     return channels, height, width
 
 
+TEACHER_INPUT_SCALE, TEACHER_INPUT_SHIFT = "ofakd_input_scale", "ofakd_input_shift"
+
+
+def set_teacher_input_normalization(teacher: nn.Module, data_mean, data_std, teacher_mean, teacher_std) -> None:
+    """Makes :meth:`BaseDistiller.teacher_logits` feed `teacher` images normalized with its own statistics:
+    x_t = (x * std_d + mean_d - mean_t) / std_t, as timm's ``DistillationTeacher.normalize_input`` does
+    (timm/task/distillation.py), folded into x * scale + shift. Non-persistent buffers on the teacher:
+    they move with it and stay out of its state_dict."""
+    def column(values):
+        return torch.as_tensor(values, dtype=torch.float64).reshape(1, -1, 1, 1)
+
+    scale = column(data_std) / column(teacher_std)
+    shift = (column(data_mean) - column(teacher_mean)) / column(teacher_std)
+    teacher.register_buffer(TEACHER_INPUT_SCALE, scale.float(), persistent=False)
+    teacher.register_buffer(TEACHER_INPUT_SHIFT, shift.float(), persistent=False)
+
 
 class BaseDistiller(nn.Module):
     """A registered student, a frozen unregistered teacher (see the module docstring) and the ground-truth loss."""
@@ -121,6 +137,11 @@ class BaseDistiller(nn.Module):
 
     @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
+        """The teacher's logits, its input renormalized first if :func:`set_teacher_input_normalization` was called."""
+        scale = getattr(self._teacher, TEACHER_INPUT_SCALE, None)
+        if scale is not None:
+            shift = getattr(self._teacher, TEACHER_INPUT_SHIFT)
+            images = torch.addcmul(shift.to(images.dtype), images, scale.to(images.dtype))
         return self._teacher(images)
 
     def gt_loss(self, logits: Tensor, labels: Tensor) -> Tensor:

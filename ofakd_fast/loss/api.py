@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from .backends import resolve_backend
-from .checks import as_branches, branch_count, check_inputs
+from .checks import as_branches, branch_count, check_inputs, check_soft_mask, is_one_hot
 from .op import REDUCTIONS, EagerOFALoss, loss_dtype, ofa_loss_op, row_grad_scale
-from .reference import ofa_loss_multi_reference
+from .reference import ofa_loss_multi_reference, ofa_loss_soft_mask
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,8 +105,19 @@ def ofa_loss(logits_student: Tensor, logits_teacher: Tensor, target_mask: Tensor
              temperature: float = 1.0, backend: str = "auto") -> Tensor:
     """Drop-in for the original OFA-KD ``ofa_loss``: the mean over rows of one branch's loss.
 
-    `target_mask` is a one-hot or soft label tensor [B, C] (argmax is the target), or class indices [B].
+    `target_mask` is class indices [B] or any mask [B, C]. One-hot masks and indices run the fused
+    kernel; any other mask (mixup, label smoothing) weights every class by (p + m) ** eps - m, as
+    the original does, through :func:`.reference.ofa_loss_soft_mask` (PyTorch, log domain, autograd).
+    Telling the two apart costs one host sync for a [B, C] mask on a GPU.
     """
+    if isinstance(target_mask, Tensor) and target_mask.dim() == 2 and not is_one_hot(target_mask):
+        branches, teacher, _, eps_values, temperature = check_inputs(
+            [logits_student], logits_teacher, target_mask, [eps], temperature)
+        check_soft_mask(target_mask)
+        compute = loss_dtype(teacher.dtype)
+        rows = ofa_loss_soft_mask(branches[0].to(compute), teacher.to(compute), target_mask.to(compute),
+                                  eps_values[0], temperature)
+        return rows.mean()
     return ofa_loss_multi([logits_student], logits_teacher, target_mask, [eps], temperature, "mean", backend)[0]
 
 

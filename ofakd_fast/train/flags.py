@@ -63,3 +63,21 @@ class MergeKwargs(argparse.Action):
         for pair in values:
             merged.update(pair)
         setattr(namespace, self.dest, merged)
+
+
+def whole_number(name, low=0):
+    """An argparse type: an integer >= `low`, also written as a float with no fraction ('3.0': the original
+    train.py's args.yaml writes ``--aug-repeats`` as a float)."""
+    expected = f"a whole number >= {low}"
+
+    def convert(text):
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or not value.is_integer() or value < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return int(value)
+
+    convert.__name__ = name
+    return convert

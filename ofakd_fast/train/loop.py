@@ -23,7 +23,7 @@ from .data import DataConfig, build_dataset, dataset_info
 from .distributed import Distributed
 from .errors import CheckpointError, CorruptImageError, DataError, DivergedError, UsageError
 from .evaluate import evaluate
-from .models import create_model, distiller_from_args
+from .models import build_teacher, create_model, distiller_from_args
 from .resume import check_resume_args
 from .rundir import Logger, append_summary, default_run_dir, format_seconds, plain, trim_summary, write_config
 from .sampling import build_loader
@@ -104,14 +104,7 @@ class Trainer:
             load_weights(student, args.initial_checkpoint, "--initial-checkpoint", "student")
         if not args.teacher or not DISTILLERS[args.distiller].needs_teacher:
             return student, None
-        teacher = create_model(args.teacher, args.teacher_kwargs, info.num_classes, info.in_chans, args.img_size,
-                               "--teacher")
-        if args.teacher_checkpoint:
-            load_weights(teacher, args.teacher_checkpoint, "--teacher-checkpoint", "teacher", prefer_ema=True)
-        else:
-            self.log(f"warning: --teacher {args.teacher} has random weights (no --teacher-checkpoint): "
-                     "fine for throughput runs, useless for distillation")
-        return student, teacher
+        return student, build_teacher(args, info, self.log)  # --teacher-pretrained / -checkpoint, --use-ema-teacher
 
     def _build_data(self) -> None:
         args, ddp = self.args, self.ddp
@@ -119,7 +112,7 @@ class Trainer:
         self.eval_set = build_dataset(self.data_config, self.info, "eval")
         pin = self.device.type == "cuda"
         self.train_loader = build_loader(self.train_set, args.batch_size, True, args.workers, args.seed, ddp.rank,
-                                         ddp.world_size, pin)
+                                         ddp.world_size, pin, aug_repeats=args.aug_repeats)
         self.eval_loader = build_loader(self.eval_set, args.eval_batch_size or 2 * args.batch_size, False,
                                         args.workers, args.seed, ddp.rank, ddp.world_size, pin)
         self.steps_per_epoch = self.train_loader.sampler.batches_per_epoch()

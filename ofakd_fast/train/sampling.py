@@ -30,38 +30,68 @@ class EpochSampler(Sampler):
     ``DistributedSampler`` does. ``set_epoch(epoch, skip_batches)`` starts the next iteration at a
     later batch, for resuming in the middle of an epoch. Evaluation (``shuffle=False``): every
     sample exactly once over all ranks, in order, no padding.
+
+    ``repeats=N`` (N >= 1, ``--aug-repeats``): repeated augmentation with the epoch length and
+    sharding of timm's ``RepeatAugSampler``: each index of the permutation is repeated N times in a
+    row, the list is dealt round-robin over the ranks (so the copies of a sample go to different
+    ranks) and each rank keeps ``floor(len // 256 * 256 / num_replicas)`` of it (``ceil(len /
+    num_replicas)`` below 256 samples), then whole batches. Copy r of sample i has the key of the
+    virtual index ``i * N + r``: its own augmentation, and still a pure function of (seed, epoch,
+    position), so mid-epoch resuming stays exact.
     """
 
+    SELECTED_ROUND = 256  # timm RepeatAugSampler's selected_round
+
     def __init__(self, length: int, batch_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, repeats: int = 0):
         self.length, self.batch_size = length, batch_size
         self.num_replicas, self.rank, self.shuffle, self.seed = num_replicas, rank, shuffle, seed
+        self.repeats = int(repeats) if shuffle else 0
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches * self.batch_size
 
+    def samples_per_rank(self) -> int:
+        """Training samples of one rank in one epoch, before whole batches are cut."""
+        if not self.repeats:
+            return self.length // self.num_replicas
+        if self.length >= self.SELECTED_ROUND:
+            selected = self.length // self.SELECTED_ROUND * self.SELECTED_ROUND // self.num_replicas
+        else:
+            selected = math.ceil(self.length / self.num_replicas)
+        return min(selected, math.ceil(self.length * self.repeats / self.num_replicas))
+
     def batches_per_epoch(self) -> int:
         if self.shuffle:
-            return self.length // (self.num_replicas * self.batch_size)
+            if not self.repeats:
+                return self.length // (self.num_replicas * self.batch_size)
+            return self.samples_per_rank() // self.batch_size
         return math.ceil(len(range(self.rank, self.length, self.num_replicas)) / self.batch_size)
 
-    def _indices(self) -> Sequence[int]:
+    def _items(self) -> Sequence[Tuple[int, int]]:
         if not self.shuffle:
-            return range(self.rank, self.length, self.num_replicas)
+            return [(sample_key(self.seed, self.epoch, i), i) for i in range(self.rank, self.length, self.num_replicas)]
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.length, generator=gen)
-        usable = self.batches_per_epoch() * self.batch_size * self.num_replicas
-        return order[:usable][self.rank::self.num_replicas].tolist()
+        order = torch.randperm(self.length, generator=gen).tolist()
+        usable = self.batches_per_epoch() * self.batch_size
+        if not self.repeats:
+            indices = order[:usable * self.num_replicas][self.rank::self.num_replicas]
+            return [(sample_key(self.seed, self.epoch, i), i) for i in indices]
+        n, total = self.length * self.repeats, math.ceil(self.length * self.repeats / self.num_replicas) * self.num_replicas
+        items = []
+        for position in range(self.rank, total, self.num_replicas)[:usable]:
+            copy, repeat = divmod(position % n, self.repeats)  # wrapped around (as timm pads) past the end
+            index = order[copy]
+            items.append((sample_key(self.seed, self.epoch, index * self.repeats + repeat), index))
+        return items
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        indices = self._indices()
-        for position in range(self.skip if self.shuffle else 0, len(indices)):
-            index = indices[position]
-            yield sample_key(self.seed, self.epoch, index), index
+        items = self._items()
+        return iter(items[self.skip:] if self.shuffle else items)
 
     def __len__(self) -> int:
-        return len(self._indices()) - (self.skip if self.shuffle else 0)
+        return len(self._items()) - (self.skip if self.shuffle else 0)
 
 
 class SeededDataset(Dataset):
@@ -90,11 +120,10 @@ class SeededDataset(Dataset):
                 np.random.set_state(np_state)
 
 
-
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, seed: int, rank: int = 0,
-                 world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+                 world_size: int = 1, pin_memory: bool = False, aug_repeats: int = 0) -> DataLoader:
     """A loader over :class:`EpochSampler`; call ``loader.sampler.set_epoch(epoch, skip_batches)`` each epoch."""
-    sampler = EpochSampler(len(dataset), batch_size, world_size, rank, shuffle=train, seed=seed)
+    sampler = EpochSampler(len(dataset), batch_size, world_size, rank, shuffle=train, seed=seed, repeats=aug_repeats)
     if train and sampler.batches_per_epoch() == 0:
         raise DataError(f"the training set has {len(dataset)} samples, fewer than one batch of "
                          f"{batch_size} per process x {world_size} processes: lower --batch-size")

@@ -133,7 +133,7 @@ def write_preset(tmp_path, text: str) -> str:
     (["--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
     (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
     (["--smoothing", "1.5"], "argument --smoothing: expected a number in [0, 1), got '1.5'"),
-    (["--distiller", "dkd"], "argument --distiller: invalid choice: 'dkd'"),
+    (["--distiller", "no_such_method"], "argument --distiller: invalid choice: 'no_such_method'"),
     (["--ofa-eps", "1", "2"], "--ofa-eps: expected 1 value or 5"),
     (["--ofa-stages", "1", "5"], "argument --ofa-stages: expected an integer in [1, 4], got '5'"),
     (["--ofa-stages", "2", "2"], "--ofa-stages: expected distinct stages"),
@@ -167,16 +167,18 @@ def test_bad_presets_give_clear_errors(text, expected, tmp_path, capsys):
 
 
 def test_presets_parse_and_flags_override_them(tmp_path):
-    assert {"imagenet_cnn", "imagenet_vit", "cifar100_cnn", "cifar100_vit"} <= set(list_presets())
+    # The original OFA-KD configs (tests/train/test_recipes.py checks their values) and a 32-px extra.
+    assert {"cifar_cnn", "cifar_vit_mlp", "imagenet_cnn", "imagenet_vit_mlp", "imagenet_stronger",
+            "cifar100_cnn_32px"} <= set(list_presets())
     for name in list_presets():
         args = parse_args(["--config", name, "--data-dir", str(tmp_path), "--teacher", "resnet18"])
         assert args.config == name
-    args = parse_args(["--config", "imagenet_vit", "--data-dir", str(tmp_path), "--teacher", "resnet18",
+    args = parse_args(["--config", "imagenet_vit_mlp", "--data-dir", str(tmp_path), "--teacher", "resnet18",
                        "--lr", "1e-3", "--epochs", "5"])
     assert (args.opt, args.sched, args.lr, args.epochs, args.mixup, args.model_ema) == \
         ("adamw", "cosine", 1e-3, 5, 0.8, True)
     args = parse_args(["--config", "imagenet_cnn", "--data-dir", str(tmp_path), "--teacher", "resnet18"])
-    assert (args.opt, args.lr, args.sched, args.decay_epochs, args.epochs) == ("momentum", 0.1, "step", 30, 100)
+    assert (args.opt, args.lr, args.sched, args.decay_epochs, args.epochs) == ("sgd", 0.1, "step", 30, 100)
 
 
 def test_teacher_checkpoint_errors(tmp_path, teacher_file, capsys):
