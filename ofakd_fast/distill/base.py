@@ -135,14 +135,17 @@ class BaseDistiller(nn.Module):
                              f"{missing[:4]}, unexpected {unexpected[:4]}, other shapes {sorted(mismatched)[:4]}")
         self.load_state_dict(state, strict=False)
 
+    def teacher_inputs(self, images: Tensor) -> Tensor:
+        """The images as the teacher reads them: renormalized if :func:`set_teacher_input_normalization` was called."""
+        scale = getattr(self._teacher, TEACHER_INPUT_SCALE, None)
+        if scale is None:
+            return images
+        shift = getattr(self._teacher, TEACHER_INPUT_SHIFT)
+        return torch.addcmul(shift.to(images.dtype), images, scale.to(images.dtype))
+
     @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
-        """The teacher's logits, its input renormalized first if :func:`set_teacher_input_normalization` was called."""
-        scale = getattr(self._teacher, TEACHER_INPUT_SCALE, None)
-        if scale is not None:
-            shift = getattr(self._teacher, TEACHER_INPUT_SHIFT)
-            images = torch.addcmul(shift.to(images.dtype), images, scale.to(images.dtype))
-        return self._teacher(images)
+        return self._teacher(self.teacher_inputs(images))
 
     def gt_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """`gt_criterion` if given; else cross-entropy, with soft labels [B, C] (mixup, cutmix) as soft

@@ -140,6 +140,8 @@ def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ofa-eps", type=positive_float, nargs="+", default=[1.0],
                    help="OFA exponent: one value, or one per stage plus one for the logits")
     _add_alias(g, g.add_argument("--ofa-stages", type=stage_value, nargs="+", default=[1, 2, 3, 4]), "--ofa-stage")
+    _add_alias(g, g.add_argument("--fitnet-stages", type=stage_value, nargs="+", default=[1, 2, 3, 4],
+                                 help="the stages FitNet hints (--distiller fitnet)"), "--fitnet-stage")
     seen = set()
     for name, distiller in DISTILLERS.items():
         for hp in distiller.hyper_parameters:

@@ -123,7 +123,7 @@ class Trainer:
         args = self.args
         self.mixup_active = args.mixup > 0 or args.cutmix > 0
         input_size = (self.info.in_chans, args.img_size, args.img_size)
-        distiller = distiller_from_args(args, student, teacher, input_size, self.mixup_active)
+        distiller = distiller_from_args(args, student, teacher, input_size, self.mixup_active, len(self.train_set))
         if args.sync_bn and self.ddp.enabled:
             distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
         distiller.to(self.device)

@@ -40,19 +40,23 @@ def create_model(name: str, kwargs: dict, num_classes: int, in_chans: int, img_s
 
 
 def distiller_from_args(args: argparse.Namespace, student: nn.Module, teacher: Optional[nn.Module],
-                        input_size, mixup_active: bool) -> BaseDistiller:
+                        input_size, mixup_active: bool, num_data: int) -> BaseDistiller:
     """The distiller of ``--distiller`` with its hyper-parameter and loss-weight flags; soft mixup labels
-    come smoothed already, so label smoothing applies to hard labels only."""
+    come smoothed already, so label smoothing applies to hard labels only. Constructors that ask for
+    them get the training resolution (`input_size`) and the training-set size (`num_data`: CRD's memory)."""
     cls = DISTILLERS[args.distiller]
     kwargs = {hp.argument: getattr(args, hp.flag[2:].replace("-", "_")) for hp in cls.hyper_parameters}
     weights = {key: getattr(args, f"{key}_loss_weight") for key in cls.default_loss_weights}
     kwargs["loss_weights"] = {key: value for key, value in weights.items() if value is not None}
     kwargs["label_smoothing"] = 0.0 if mixup_active else args.smoothing
     kwargs["gt_criterion"] = gt_criterion_from_args(args, mixup_active)  # None: cross-entropy; --bce-loss: BCE
-    if "input_size" in inspect.signature(cls.__init__).parameters:
-        kwargs["input_size"] = input_size
+    wanted = inspect.signature(cls.__init__).parameters
+    kwargs.update({name: value for name, value in (("input_size", input_size), ("num_data", num_data))
+                   if name in wanted})
     if args.distiller == "ofa":
         kwargs.update(stages=tuple(args.ofa_stages), eps=args.ofa_eps[0] if len(args.ofa_eps) == 1 else list(args.ofa_eps))
+    if args.distiller == "fitnet":
+        kwargs["stages"] = tuple(args.fitnet_stages)
     try:
         return build_distiller(args.distiller, student, teacher if cls.needs_teacher else None, **kwargs)
     except (TypeError, ValueError) as error:

@@ -27,3 +27,17 @@ def test_each_distiller_trains_through_the_cli(name, tree, teacher_file, tmp_pat
     assert [f"train_{n}" for n in distiller.loss_names] == header[2:2 + len(distiller.loss_names)]
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["distiller"].keys() == distiller.extra_state().keys()
+
+
+def test_a_crd_run_resumes_bit_for_bit(tree, teacher_file, tmp_path):
+    """CRD's memory bank (keyed by dataset index) and its negative sampling continue exactly."""
+    flags = ["--teacher-checkpoint", str(teacher_file), "--epochs", "2", "--distiller", "crd", "--crd-k", "5"]
+    whole = train(parse_args(base_flags(tree, tmp_path / "whole", *flags)))
+    out = tmp_path / "interrupted"
+    train(parse_args(base_flags(tree, out, *flags, "--stop-after-steps", "4")))
+    resumed = train(parse_args(base_flags(tree, out, *flags, "--resume", str(out))))
+    assert resumed["global_step"] == whole["global_step"] == 6
+    expected = whole["distiller"].state_dict()
+    assert any("memory" in key or "bank" in key for key in expected), sorted(expected)[:8]
+    for key, value in resumed["distiller"].state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
