@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_PATH = ROOT / "kernels" / "ofa_loss_triton.py"
 CUDA_SOURCE = ROOT / "csrc" / "ofa_loss_cuda.cu"
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- resources:start -->", "<!-- resources:end -->"
@@ -122,19 +121,11 @@ def triton_unavailable() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=1)
 def kernel_module():
     """A private compiled (not interpreted) copy of kernels/ofa_loss_triton.py."""
-    name = "_ofa_triton_kernels_resources"
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location(name, KERNEL_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    from ofakd_fast.kernels import load_private_copy
+
+    module = load_private_copy(interpret=False)
     if type(module._ofa_fused_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("the kernel was built interpreted (TRITON_INTERPRET is set in triton's knobs)")
     return module

@@ -10,16 +10,10 @@ against the float64 oracle may be at most twice the error plain PyTorch makes ru
 reference in the input dtype, plus the error of merely storing the float64 answer in the output
 dtype (no implementation can beat that), plus a float32-roundoff-sized slack.
 """
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-KERNEL_PATH = ROOT / "kernels" / "ofa_loss_triton.py"
 EPS_CYCLE = (0.7, 1.0, 1.3, 2.0, 3.0, 1.1)
 
 
@@ -27,31 +21,11 @@ EPS_CYCLE = (0.7, 1.0, 1.3, 2.0, 3.0, 1.1)
 # Loading
 # ----------------------------------------------------------------------------------------------
 def load_kernel_module(interpret: bool):
-    """A private copy of kernels/ofa_loss_triton.py whose kernels are interpreted (or compiled).
+    """A private copy of the Triton kernels, interpreted (CPU tensors) or compiled (see
+    :func:`ofakd_fast.kernels.load_private_copy`)."""
+    from ofakd_fast.kernels import load_private_copy
 
-    Triton decides interpreter vs compiler when a kernel is decorated, i.e. when the module is
-    imported; another test (or conftest) may already have imported ``ofakd_fast.kernels.ofa_loss_triton``
-    in the other mode, so each test file executes its own copy with TRITON_INTERPRET set as it needs.
-    """
-    name = "_ofa_triton_kernels_" + ("interpreted" if interpret else "compiled")
-    if name in sys.modules:
-        return sys.modules[name]
-    saved = os.environ.get("TRITON_INTERPRET")
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location(name, KERNEL_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
+    return load_private_copy(interpret)
 
 
 from ofakd_fast.loss.reference import ofa_loss_log_domain  # noqa: E402
