@@ -405,8 +405,9 @@ def cuda_launch(C: int, dtype: str) -> dict:
     size = ITEMSIZE[dtype]
     W = 16 // size
     slots = (C + 2 * W - 2) // W
+    max_threads = 256 if size == 8 else 512  # max_row_threads() of the launch plan
     threads = 32
-    while threads < slots and threads < 512:
+    while threads < slots and threads < max_threads:
         threads *= 2
     acc = 8 if size == 8 else 4
     return {"threads": threads, "chunks": -(-slots // threads), "dyn_smem": 2 * threads * W * acc}
@@ -440,7 +441,7 @@ def render(configs: List[TritonConfig], cuda: Optional[Dict[str, dict]], cuda_er
     lines.append("")
     # CUDA.
     lines += ["**CUDA kernel** (`ofa_rows_kernel`, `nvcc -O3 -Xptxas -v` for sm_90 with the flags of "
-              "`build.py`; `__launch_bounds__(512, MinBlocksPerSM)`; shared = static + `row_scratch_bytes`):", ""]
+              "`build.py`; `__launch_bounds__(max_row_threads, MinBlocksPerSM)`: 512 threads, 256 for fp64; shared = static + `row_scratch_bytes`):", ""]
     if cuda is None:
         lines += [f"not compiled: {cuda_error}", ""]
     else:

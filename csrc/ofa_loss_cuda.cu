@@ -19,8 +19,9 @@
 // ofa_loss_cuda_row.cuh the row program and its algorithm.
 //
 // Design:
-//   * one thread block per batch row, 32 .. 512 threads: the smallest power of two >= the row's
-//     16-byte slots, so a row of up to 512 * 16 bytes is held in registers (one slot per thread);
+//   * one thread block per batch row, 32 .. 512 threads (256 for double): the smallest power of two
+//     >= the row's 16-byte slots, so a row of up to 512 * 16 bytes (256 * 16 for double) is held in
+//     registers (one slot per thread);
 //   * 128-bit loads and stores (4 float, 8 bf16/half, 2 double per access) for every slot inside a
 //     row, the slot grid aligned to 16 bytes per row (rows of odd C are not aligned alike); element
 //     accesses at the row's two ends and for a row whose alignment differs from its row-mates';
@@ -32,7 +33,8 @@
 //     not grow with K;
 //   * fp32 math (fp64 for fp64 inputs), values converted right after the load; ~2 exp per element
 //     and branch (a row held in registers keeps its weights while consecutive branches share eps);
-//   * a register cap for two 512-thread blocks per SM (MinBlocksPerSM); 2 * threads * W acc_t of
+//   * a register cap per dtype (MinBlocksPerSM, max_row_threads): two 512-thread blocks per SM for
+//     float, one for bfloat16/half, one 256-thread block for double; 2 * threads * W acc_t of
 //     dynamic shared memory (row_scratch_bytes) for a resident row's weights and teacher gradient;
 //   * loads that will not be needed again are evict-first (ld.global.cs), gradient stores are
 //     streaming (st.global.cs), so they do not push the rows still to be re-read out of L2.

@@ -37,7 +37,7 @@ struct DeviceMemory {
   }
 };
 
-// The row group: the whole block (blockDim.x a multiple of 32, at most kMaxRowThreads).
+// The row group: the whole block (blockDim.x a multiple of 32, at most max_row_threads).
 template <typename acc_t>
 struct BlockOps : DeviceMemory {
   acc_t* max_scratch;  // [kMaxWarpsPerRow] in shared memory
@@ -89,18 +89,20 @@ struct BlockOps : DeviceMemory {
   }
 };
 
-// Occupancy target: at least two 512-thread blocks per SM, which caps the registers per thread
-// (left alone ptxas takes more and halves the occupancy); float64, used for checking rather than
-// training, one block. ptxas's register and spill figures: "Sizes and figures of the kernels" in
-// benchmarks/README.md.
+// Register budget, per dtype: __launch_bounds__(max_row_threads, MinBlocksPerSM) caps a thread at
+// 65536 / (max_row_threads * MinBlocksPerSM) registers. float32: two 512-thread blocks per SM, 64
+// registers (left alone ptxas takes more and halves the occupancy). bfloat16/half: one, up to 128
+// (at 64 they spill on sm_90). float64 (used for checking rather than training): one 256-thread
+// block, up to 255 (at 128 it spills). ptxas's register and spill figures: "Sizes and figures of
+// the kernels" in benchmarks/README.md.
 template <typename scalar_t>
 struct MinBlocksPerSM {
-  static constexpr int value = sizeof(acc_of<scalar_t>) == 8 ? 1 : 2;
+  static constexpr int value = sizeof(scalar_t) == 4 ? 2 : 1;
 };
 
 // One block per batch row; the row program is ofa_row (ofa_loss_cuda_row.cuh).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxRowThreads, MinBlocksPerSM<scalar_t>::value) ofa_rows_kernel(const LaunchParams<scalar_t> P) {
+__global__ void __launch_bounds__(max_row_threads(sizeof(scalar_t)), MinBlocksPerSM<scalar_t>::value) ofa_rows_kernel(const LaunchParams<scalar_t> P) {
   using acc_t = acc_of<scalar_t>;
   __shared__ RowShared<acc_t> shared_row;
   __shared__ acc_t max_scratch[kMaxWarpsPerRow];

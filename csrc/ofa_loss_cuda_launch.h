@@ -16,7 +16,8 @@ namespace ofakd {
 namespace cuda_kernel {
 
 // How a call is launched: one block per row, the smallest power of two >= the row's slots threads
-// (32 .. kMaxRowThreads). The shapes of the reference problems: benchmarks/README.md.
+// (32 .. max_row_threads(elem_size): 512, 256 for float64, as in the kernel's __launch_bounds__).
+// The shapes of the reference problems: benchmarks/README.md.
 struct LaunchShape {
   int threads;          // per block = per row
   int64_t blocks;       // = B
@@ -36,7 +37,7 @@ inline LaunchShape plan_launch(int64_t B, int64_t C, int elem_size, int threads 
   const int64_t slots = (C + 2 * W - 2) / W;  // ceil((C + phase) / W) for the worst phase W - 1
   if (threads <= 0) {
     threads = kWarpSize;
-    while (threads < slots && threads < kMaxRowThreads) threads *= 2;
+    while (threads < slots && threads < max_row_threads(elem_size)) threads *= 2;
   }
   LaunchShape shape;
   shape.threads = threads;

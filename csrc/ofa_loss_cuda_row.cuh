@@ -78,6 +78,12 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxRowThreads = 512;  // threads of one row (= one block)
 constexpr int kMaxWarpsPerRow = kMaxRowThreads / kWarpSize;
 
+// The most threads a row group of this element size gets: 512, but 256 for float64, whose kernel
+// needs more registers than a 512-thread block can have (65536 / 512 = 128 per thread; see
+// MinBlocksPerSM in ofa_loss_cuda_kernel.cuh). The kernel's __launch_bounds__ and plan_launch both
+// use it.
+OFA_HOST_DEVICE constexpr int max_row_threads(int elem_size) { return elem_size == 8 ? 256 : kMaxRowThreads; }
+
 template <typename scalar_t>
 struct AccOf {
   using type = float;

@@ -73,15 +73,15 @@ A teacher gradient adds B C written (22.4 MB fp32 at 256 x 21841). Exponentials 
 
 Block size and warps (Liger-style table, on the tile's element count ``BRANCH_ROWS * BLOCK``)
 ----------------------------------------------------------------------------------------------
-``BLOCK = min(MAX_TILE_ELEMENTS // BRANCH_ROWS, next_pow2(C))`` with ``MAX_TILE_ELEMENTS = 8192``
-(4096 for float64 math); the launcher's ``max_block`` lowers the cap (tests run the column loop at
-small C with it). ``num_warps`` = 4 for tiles <= 2048 elements, 8 up to 4096, 16 up to 8192, 32
-beyond: at most 16 tile elements per thread, which is what keeps the kernel without spills
-(ptxas for sm_90a, K = 5: fp32/bf16/fp16 use <= 128 registers at 16 warps and spill nothing; a
-16384-element tile at 16 warps spilled, and at 8 warps the 8192-element tile needed 170 to 250
-registers). Examples with K = 5 (8 tile rows): C = 100 -> BLOCK 128, 4 warps, single block;
-C = 1000 -> BLOCK 1024, 16 warps, single block; C = 21841 -> BLOCK 1024, 16 warps, 22 column
-blocks per loop. K = 1: C = 21841 -> BLOCK 8192, 16 warps, 3 column blocks.
+``BLOCK = min(MAX_TILE_ELEMENTS // BRANCH_ROWS, next_pow2(C))``, ``MAX_TILE_ELEMENTS = 8192`` (2048
+for float64 math), at most ``MAX_LOOP_BLOCK_ONE_ROW`` = 4096 in the column loop of a 1-row tile; the
+launcher's ``max_block`` lowers the cap (tests run the column loop at small C with it). ``num_warps``
+(of the tile before the 1-row loop cap) = 4 up to 2048 elements, 8 up to 4096, 16 up to 8192, 32
+beyond, a float64 element counting as two: at most 16 (float64: 8) elements per thread, so no launch
+spills (ptxas for sm_90a: ``tests/loss/test_kernel_resources.py``; figures: ``benchmarks/README.md``).
+Examples with K = 5 (8 tile rows): C = 100 -> BLOCK 128, 4 warps, single block; C = 1000 -> BLOCK
+1024, 16 warps, single block; C = 21841 -> BLOCK 1024, 16 warps, 22 column blocks per loop. K = 1:
+C = 8192 -> BLOCK 8192, 16 warps, single block; C = 21841 -> BLOCK 4096, 16 warps, 6 column blocks.
 """
 import contextlib
 import os
@@ -105,8 +105,11 @@ except ImportError as _exc:  # CPU-only PyTorch wheels ship without Triton: stay
 # Constants
 # ----------------------------------------------------------------------------------------------
 MAX_BRANCHES_PER_LAUNCH = 8  # branches (tile rows) of one launch; more take several launches
-MAX_TILE_ELEMENTS = 8192  # BRANCH_ROWS * BLOCK per program with 4-byte math (half that with float64)
-# (largest tile in elements, num_warps): the first row whose bound the tile does not exceed.
+MAX_TILE_ELEMENTS = 8192  # BRANCH_ROWS * BLOCK per program with 4-byte math
+MAX_TILE_ELEMENTS_FP64 = 2048  # with float64 math
+MAX_LOOP_BLOCK_ONE_ROW = 4096  # BLOCK of a 1-row tile's column loop (C > the single-block tile)
+# (largest tile in 4-byte elements, num_warps): the first row whose bound the tile does not exceed
+# (a float64 element counts as two).
 NUM_WARPS_TABLE = ((2048, 4), (4096, 8), (8192, 16), (float("inf"), 32))
 
 
@@ -377,11 +380,13 @@ def launch_config(C: int, num_branches: int, max_block: Optional[int] = None,
                   math_bytes: int = 4) -> Tuple[int, int, int, bool]:
     """(BRANCH_ROWS, BLOCK, num_warps, SINGLE_BLOCK) for C classes and one launch of num_branches branches."""
     rows = _next_power_of_2(num_branches)
-    cap = max(1, MAX_TILE_ELEMENTS * 4 // math_bytes // rows)
+    cap = max(1, (MAX_TILE_ELEMENTS_FP64 if math_bytes == 8 else MAX_TILE_ELEMENTS) // rows)
     if max_block is not None:
         cap = min(cap, 1 << (max(1, int(max_block)).bit_length() - 1))  # largest power of two <= max_block
     block = min(cap, _next_power_of_2(max(C, 1)))
-    num_warps = next(w for most, w in NUM_WARPS_TABLE if rows * block <= most)
+    num_warps = next(w for most, w in NUM_WARPS_TABLE if rows * block * math_bytes // 4 <= most)
+    if rows == 1 and C > block:  # the column loop (both passes' code live): fewer elements per thread
+        block = min(block, MAX_LOOP_BLOCK_ONE_ROW)
     return rows, block, num_warps, C <= block
 
 
