@@ -321,7 +321,7 @@ def _compile_worker(spec: dict) -> dict:
     try:
         return compile_triton(spec)
     except Exception as exc:  # noqa: BLE001
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[-700:]}"}
 
 
 def compile_all(found: Dict[str, Tuple[TritonConfig, dict]], jobs: int = 2) -> List[TritonConfig]:
