@@ -16,8 +16,8 @@ from .reference import ofa_loss_multi_reference, ofa_loss_soft_mask
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_constant(values: tuple, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(values, dtype=dtype)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: Optional[torch.device] = None) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -27,24 +27,14 @@ def _cached_upstream(values: tuple, dtype: torch.dtype, reduction: int, batch: i
     return upstream, row_grad_scale(upstream, reduction, batch)
 
 
-def _constant_tensor(values: tuple, dtype: torch.dtype) -> Tensor:
-    """A small CPU tensor of `values` that nothing writes to (eps, upstream weights), made once per
-    distinct value in eager mode: a training loop passes the same few every step. Traced afresh
-    under torch.compile, where it becomes a constant of the graph."""
-    return torch.tensor(values, dtype=dtype) if torch.compiler.is_compiling() else _cached_constant(values, dtype)
-
-
-def _weight_tensor(weights: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The branch weights on the losses' device, copied there once per distinct value in eager mode
-    (a host-to-device copy per step would otherwise cost a CUDA synchronisation point)."""
+def _constant_tensor(values: tuple, dtype: torch.dtype, device: Optional[torch.device] = None) -> Tensor:
+    """A small tensor of `values` that nothing writes to (eps, branch weights), made once per distinct
+    value and device in eager mode: a training loop passes the same few every step, and on a GPU a
+    host-to-device copy per step would cost a synchronisation point. Traced afresh under
+    torch.compile, where it becomes a constant of the graph."""
     if torch.compiler.is_compiling():
-        return torch.tensor(weights, dtype=dtype, device=device)
-    return _cached_weight_tensor(weights, dtype, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_weight_tensor(weights: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor(weights, dtype=dtype, device=device)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, dtype, device)
 
 
 def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
@@ -148,7 +138,7 @@ class OFALoss(nn.Module):
         losses = _fused_ofa_loss(branch_logits, logits_teacher, target, self.eps, self.temperature,
                                  self.reduction, self.backend, weights)
         self.last_losses = losses.detach()
-        weight_tensor = _weight_tensor(tuple(weights), losses.dtype, losses.device)
+        weight_tensor = _constant_tensor(tuple(weights), losses.dtype, losses.device)
         if self.reduction == "none":
             return (losses * weight_tensor[:, None]).sum(dim=0)
         return (losses * weight_tensor).sum()

@@ -402,13 +402,12 @@ class Trainer:
         except CorruptImageError as error:
             raise DataError(f"evaluation split: {error}; epoch {epoch_done} is saved in {self.run_dir / 'last.pth'}: "
                             f"fix or remove the file, then --resume {self.run_dir}") from None
-        metrics, metric = dict(self.last_eval), self.last_eval["top1"]
+        metric = self.last_eval["top1"]
         if self.ema is not None:
             ema_eval = evaluate(self.ema.module, self.eval_loader, self.device, ctx, channels_last, self.ddp)
             self.last_eval.update(ema_top1=ema_eval["top1"], ema_top5=ema_eval["top5"])
-            metrics.update(ema_top1=ema_eval["top1"], ema_top5=ema_eval["top5"])
             metric = ema_eval["top1"]  # as timm: the EMA's accuracy picks the best checkpoint
-        return metrics, metric
+        return dict(self.last_eval), metric
 
     def _result(self, stopped: bool) -> dict:
         images = self.run_steps * self.args.batch_size * self.ddp.world_size
