@@ -84,4 +84,38 @@ OFA_HOST_DEVICE T teacher_grad_from_products(T h, T p, T sum_h, T scale_over_T) 
   return (h - p * sum_h) * scale_over_T;
 }
 
+// ---- The sparse teacher (shared/docs/ofa-loss.md, "A sparse teacher") ----
+// A row keeps k stored classes A with log_p_i = t_i / T - lse_t; the other C - k classes share the
+// rest of the mass evenly. With G(S) = sum_{c in S} (max_x - x_c) >= 0 (the gap of a set):
+//   l = sum_{i in A, i != y} w_i (max_x - x_i) + w_y (max_x - x_y)
+//       + w_rest * (G(all) - G(A) - [y not in A] (max_x - x_y))  +  S * log_sum
+//   S = sum_{i in A, i != y} w_i + w_y + w_rest * (C - k - [y not in A])
+// so a pass over the student row gathers max_x, log_sum and G(all); nothing dense of the teacher.
+
+// log of one non-stored class's probability, log(r / (C - k)) with r = 1 - sum_A p_i written as
+// -expm1(log_stored_mass) (exact when the stored mass is close to 1); -inf when r = 0 or k = C.
+template <typename T>
+OFA_HOST_DEVICE T log_rest_probability(T log_stored_mass, long long others) {
+  const T rest = T(-1) * ofa_expm1(log_stored_mass < T(0) ? log_stored_mass : T(0));
+  if (others <= 0 || !(rest > T(0))) return T(-1) / T(0);
+  return ofa_log(rest) - ofa_log(T(others));
+}
+
+// Merges two partial gaps (max m, gap g = sum (m - x), count n) into one about the larger max:
+// every term stays >= 0, so G(all) has no cancellation even for logits of magnitude 1e4.
+template <typename T>
+OFA_HOST_DEVICE void merge_gap(T& m, T& g, long long& n, T m_b, T g_b, long long n_b) {
+  if (n_b == 0) return;
+  if (n == 0) {
+    m = m_b;
+    g = g_b;
+  } else if (m_b > m) {
+    g = g_b + g + T(n) * (m_b - m);
+    m = m_b;
+  } else {
+    g = g + g_b + T(n_b) * (m - m_b);
+  }
+  n += n_b;
+}
+
 }  // namespace ofakd

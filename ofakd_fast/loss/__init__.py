@@ -7,6 +7,7 @@ import torch
 
 from .api import OFALoss, ofa_loss, ofa_loss_multi
 from .backends import available_backends
+from .sparse import SparseTeacher, sparse_teacher
 
 
 def empty_cache() -> int:
@@ -16,4 +17,4 @@ def empty_cache() -> int:
     return 0 if cpu_extension_error() else int(torch.ops.ofakd_fast_C.release_buffers())
 
 
-__all__ = ["OFALoss", "ofa_loss", "ofa_loss_multi", "available_backends", "empty_cache"]
+__all__ = ["OFALoss", "ofa_loss", "ofa_loss_multi", "available_backends", "empty_cache", "SparseTeacher", "sparse_teacher"]

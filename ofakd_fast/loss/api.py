@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from .backends import resolve_backend
 from .checks import as_branches, branch_count, check_inputs, check_soft_mask, is_one_hot
-from .op import REDUCTIONS, EagerOFALoss, loss_dtype, ofa_loss_op, row_grad_scale
+from .op import REDUCTIONS, EagerOFALoss, loss_dtype, ofa_loss_op, row_grad_scale, teacher_tensors
 from .reference import ofa_loss_multi_reference, ofa_loss_soft_mask
+from .sparse import SparseTeacher
 
 
 @functools.lru_cache(maxsize=64)
@@ -46,24 +47,26 @@ def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, red
     if expected_upstream is not None and len(expected_upstream) != len(eps_values):
         raise ValueError(f"grad_weights: expected {len(eps_values)} values (one per branch), "
                          f"got {len(expected_upstream)}")
-    name = resolve_backend(backend, teacher.device)
+    device = target.device
+    name = resolve_backend(backend, device)
     if name == "reference":
         split = [b for entry in branches for b in (entry.unbind(0) if entry.dim() == 3 else [entry])]
         return ofa_loss_multi_reference(split, teacher, target, eps_values, temperature, reduction)
-    needs_grad = torch.is_grad_enabled() and (teacher.requires_grad or any(b.requires_grad for b in branches))
-    precompute = needs_grad and teacher.device.type == "cpu" and not torch.compiler.is_compiling()
+    teacher = teacher_tensors(teacher)
+    teacher_grad = torch.is_grad_enabled() and len(teacher) == 1 and teacher[0].requires_grad
+    needs_grad = teacher_grad or (torch.is_grad_enabled() and any(b.requires_grad for b in branches))
+    precompute = needs_grad and device.type == "cpu" and not torch.compiler.is_compiling()
     upstream = grad_scale = None
     if precompute:
         values = expected_upstream if expected_upstream is not None else [1.0] * len(eps_values)
-        upstream, grad_scale = _cached_upstream(tuple(values), loss_dtype(teacher.dtype), REDUCTIONS[reduction],
-                                                teacher.shape[0])
+        upstream, grad_scale = _cached_upstream(tuple(values), loss_dtype(branches[0].dtype),
+                                                REDUCTIONS[reduction], target.shape[0])
     eps_tensor = _constant_tensor(tuple(eps_values), torch.float64)
-    args = (teacher, target, eps_tensor, temperature, REDUCTIONS[reduction], name, upstream,
-            needs_grad and teacher.requires_grad)
+    args = (target, eps_tensor, temperature, REDUCTIONS[reduction], name, upstream, teacher_grad)
     if torch.compiler.is_compiling():
-        loss, _, _ = ofa_loss_op(branches, *args)
+        loss, _, _ = ofa_loss_op(branches, teacher, *args)
     else:
-        loss, _, _ = EagerOFALoss.apply(*args, grad_scale, *branches)
+        loss, _, _ = EagerOFALoss.apply(teacher[0], tuple(teacher[1:]), *args, grad_scale, *branches)
     return loss
 
 
@@ -74,7 +77,9 @@ def ofa_loss_multi(branch_logits: Union[Tensor, Sequence[Tensor]], logits_teache
 
     Args:
         branch_logits: K tensors [B, C], or one [K, B, C] tensor (read in place, not copied).
-        logits_teacher: [B, C]. Gradients flow to it only if it requires grad.
+        logits_teacher: [B, C], or a :class:`.sparse.SparseTeacher` (top-k logits, their classes and
+            the row's logsumexp: a teacher cache's form, read without building a [B, C] row).
+            Gradients flow to dense logits only if they require grad.
         target: int64 class indices [B], or one-hot / soft labels [B, C] (their argmax is the target).
         eps: the exponent, one float or one per branch (each > 0).
         temperature: T > 0.
@@ -101,6 +106,9 @@ def ofa_loss(logits_student: Tensor, logits_teacher: Tensor, target_mask: Tensor
     Telling the two apart costs one host sync for a [B, C] mask on a GPU.
     """
     if isinstance(target_mask, Tensor) and target_mask.dim() == 2 and not is_one_hot(target_mask):
+        if isinstance(logits_teacher, SparseTeacher):
+            raise ValueError("target_mask: a soft mask (not one-hot) needs dense teacher logits [B, C], "
+                             "got a SparseTeacher")
         branches, teacher, _, eps_values, temperature = check_inputs(
             [logits_student], logits_teacher, target_mask, [eps], temperature)
         check_soft_mask(target_mask)

@@ -94,3 +94,14 @@ def fused_forward(name: str) -> Callable:
 
         return ofa_fused_forward_triton
     return torch.ops.ofakd_fast_C.fused_forward
+
+
+def fused_forward_sparse(name: str) -> Callable:
+    """The sparse-teacher kernel entry of a backend, with the signature of ofakd_fast_C::fused_forward_sparse:
+    (branches, teacher_logits [B, k], teacher_indices [B, k] int64, teacher_lse [B], target, eps, temperature,
+    grad_scale) -> (loss rows [K, B], branch gradients [K, B, C] or empty)."""
+    if name == "triton":
+        from ..kernels.ofa_loss_triton import ofa_fused_forward_sparse_triton
+
+        return ofa_fused_forward_sparse_triton
+    return torch.ops.ofakd_fast_C.fused_forward_sparse

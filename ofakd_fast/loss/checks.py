@@ -6,12 +6,19 @@ returns the inputs in the form the kernels take (class indices, rows with a dens
 import torch
 from torch import Tensor
 
+from .sparse import SparseTeacher
+
 
 # The kernels shift scaled logits by their row max with a fused multiply-add, x * (1/T) - max;
 # its single rounding can leave the largest term slightly above 0, harmless unless x / T is huge
 # (e.g. T = 1e-9: exp overflows). Below this temperature the logits are divided by T first (one
 # copy of each branch, exact), and the kernels run at T = 1.
 PRESCALE_BELOW_TEMPERATURE = 1e-2
+
+
+def _on_host_eagerly(t: Tensor) -> bool:
+    """Values are checked on the host for CPU tensors only (no GPU sync), and not under torch.compile."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() > 0
 
 
 def branch_count(entry: Tensor) -> int:
@@ -65,7 +72,7 @@ def target_indices(target: Tensor, batch: int, classes: int, device: torch.devic
         raise TypeError(f"target: class indices must be an integer tensor, got {target.dtype}")
     target = target.long()
     # Checked on the host for CPU tensors only (no GPU sync); under torch.compile the kernel checks.
-    if device.type == "cpu" and not torch.compiler.is_compiling() and target.numel():
+    if _on_host_eagerly(target):
         lowest, highest = torch.aminmax(target)
         if int(lowest) < 0 or int(highest) >= classes:
             bad = target[(target < 0) | (target >= classes)][0].item()
@@ -82,7 +89,7 @@ def is_one_hot(mask: Tensor) -> bool:
 
 def check_soft_mask(mask: Tensor) -> None:
     """A soft mask must hold finite values >= 0 (``(p + m) ** eps`` is NaN below -p); checked on CPU only."""
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and mask.numel():
+    if _on_host_eagerly(mask):
         bad = ~torch.isfinite(mask) | (mask < 0) if mask.dtype.is_floating_point else mask < 0
         if bool(bad.any()):
             raise ValueError(f"target_mask: expected finite values >= 0, got {mask[bad][0].item()}")
@@ -93,38 +100,88 @@ def rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def check_inputs(branch_logits, logits_teacher, target, eps, temperature):
-    branches = as_branches(branch_logits)
+def check_sparse_teacher(teacher: SparseTeacher, classes: int, device: torch.device, dtype: torch.dtype):
+    """A SparseTeacher in the kernels' form: int64 indices, logits and lse in the loss's float dtype."""
+    indices, logits, lse = teacher
+    for name, t in zip(SparseTeacher._fields, teacher):
+        if not isinstance(t, Tensor) or t.device != device:
+            got = t.device if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"logits_teacher.{name}: expected a tensor on {device} like the student logits, got {got}")
+    if indices.dim() != 2 or tuple(logits.shape) != tuple(indices.shape) or tuple(lse.shape) != indices.shape[:1]:
+        raise ValueError(f"logits_teacher: a SparseTeacher needs indices and logits [B, k] and lse [B], got "
+                         f"{tuple(indices.shape)}, {tuple(logits.shape)}, {tuple(lse.shape)}")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"logits_teacher.indices: expected an integer tensor, got {indices.dtype}")
+    if not (logits.dtype.is_floating_point and lse.dtype.is_floating_point):
+        raise TypeError(f"logits_teacher: logits and lse must be floating point, got {logits.dtype}, {lse.dtype}")
+    if not 1 <= indices.shape[1] <= classes:
+        raise ValueError(f"logits_teacher: k = {indices.shape[1]} stored classes, expected 1 <= k <= C = {classes}")
+    indices = indices.long()
+    if _on_host_eagerly(indices):
+        ordered = indices.sort(dim=1).values
+        if int(ordered[:, 0].min()) < 0 or int(ordered[:, -1].max()) >= classes:
+            raise ValueError(f"logits_teacher.indices: class indices must lie in [0, {classes})")
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("logits_teacher.indices: the stored classes of a row must be distinct")
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    return SparseTeacher(indices.contiguous(), logits.to(math).contiguous(), lse.to(math).contiguous())
+
+
+def _check_dense_teacher(logits_teacher) -> None:
     if not isinstance(logits_teacher, Tensor) or logits_teacher.dim() != 2:
         got = tuple(logits_teacher.shape) if isinstance(logits_teacher, Tensor) else type(logits_teacher).__name__
-        raise ValueError(f"logits_teacher: expected a [B, C] tensor, got {got}")
-    batch, classes = logits_teacher.shape
-    dtype, device = branches[0].dtype, branches[0].device
+        raise ValueError(f"logits_teacher: expected a [B, C] tensor or a SparseTeacher, got {got}")
+    if not logits_teacher.dtype.is_floating_point:
+        raise TypeError(f"logits_teacher: expected floating-point logits, got {logits_teacher.dtype}")
+
+
+def _check_branches(branches: list, batch: int, classes, device: torch.device) -> int:
+    """Checks every branch against the teacher's batch (and class count when dense); returns C."""
+    dtype = branches[0].dtype
+    classes = branches[0].shape[-1] if classes is None else classes
     for k, entry in enumerate(branches):
-        if entry.device != device or logits_teacher.device != device:
-            raise ValueError(f"branch_logits[{k}] is on {entry.device} but logits_teacher is on "
-                             f"{logits_teacher.device}: all logits must be on one device")
+        if entry.device != device:
+            raise ValueError(f"branch_logits[{k}] is on {entry.device} but the teacher is on {device}: "
+                             "all logits must be on one device")
         if tuple(entry.shape[-2:]) != (batch, classes):
             what = "class count" if entry.shape[-2] == batch else "shape"
             raise ValueError(f"branch_logits[{k}]: {what} mismatch, expected [B, C] = [{batch}, {classes}] like "
-                             f"logits_teacher, got {tuple(entry.shape[-2:])}")
+                             f"the teacher and branch 0, got {tuple(entry.shape[-2:])}")
         if entry.dtype != dtype or not entry.dtype.is_floating_point:
             raise TypeError(f"branch_logits[{k}]: expected floating-point logits of one dtype ({dtype}), got {entry.dtype}")
-    if not logits_teacher.dtype.is_floating_point:
-        raise TypeError(f"logits_teacher: expected floating-point logits, got {logits_teacher.dtype}")
+    return classes
+
+
+def check_temperature(temperature) -> float:
     temperature = float(temperature)
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_inputs(branch_logits, logits_teacher, target, eps, temperature):
+    branches = as_branches(branch_logits)
+    sparse = isinstance(logits_teacher, SparseTeacher)
+    if not sparse:
+        _check_dense_teacher(logits_teacher)
+    reference = logits_teacher.logits if sparse else logits_teacher
+    batch, device = reference.shape[0], reference.device
+    classes = _check_branches(branches, batch, None if sparse else reference.shape[1], device)
+    temperature = check_temperature(temperature)
     if temperature < PRESCALE_BELOW_TEMPERATURE:
-        branches, logits_teacher = [entry / temperature for entry in branches], logits_teacher / temperature
+        branches = [entry / temperature for entry in branches]
+        logits_teacher = logits_teacher._replace(logits=logits_teacher.logits / temperature) if sparse \
+            else logits_teacher / temperature
         temperature = 1.0
-    num_branches = sum(branch_count(entry) for entry in branches)
-    eps_list = eps_values(eps, num_branches)
+    eps_list = eps_values(eps, sum(branch_count(entry) for entry in branches))
     target = target_indices(target, batch, classes, device)
+    if sparse:
+        teacher = check_sparse_teacher(logits_teacher, classes, device, branches[0].dtype)
+        return [rows_contiguous(entry) for entry in branches], teacher, target, eps_list, temperature
     # One kernel instantiation per dtype reads students and teacher alike: a teacher wider than the
     # students (a float32 teacher, float16 students) lifts them to its dtype rather than being
     # narrowed (a teacher logit of 1e5 is inf in float16); autograd casts their gradients back.
-    common = torch.promote_types(dtype, logits_teacher.dtype)
+    common = torch.promote_types(branches[0].dtype, logits_teacher.dtype)
     branches = [entry.to(common) for entry in branches]
     teacher = rows_contiguous(logits_teacher.to(common))
     return [rows_contiguous(entry) for entry in branches], teacher, target, eps_list, temperature

@@ -20,9 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import fused_forward
+from .backends import fused_forward, fused_forward_sparse
 from .checks import branch_count
 from .reference import ofa_loss_multi_reference
+from .sparse import SparseTeacher
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -45,63 +46,84 @@ def _reduce(loss_rows: Tensor, reduction: int) -> Tensor:
     return loss_rows.sum(dim=1) if reduction == REDUCTIONS["sum"] else loss_rows.mean(dim=1)
 
 
-def run_kernel(branches: list, teacher: Tensor, target: Tensor, eps: Tensor, temperature: float, reduction: int,
-                backend: str, grad_scale: Optional[Tensor], teacher_grad: bool) -> tuple:
+def teacher_tensors(teacher) -> list:
+    """The op's ``Tensor[] teacher``: [logits [B, C]] (dense) or [logits, indices, lse] (a SparseTeacher)."""
+    return [teacher.logits, teacher.indices, teacher.lse] if isinstance(teacher, SparseTeacher) else [teacher]
+
+
+def as_teacher(tensors: list):
+    """The dense logits or the SparseTeacher that :func:`teacher_tensors` made `tensors` from."""
+    return tensors[0] if len(tensors) == 1 else SparseTeacher(tensors[1], tensors[0], tensors[2])
+
+
+def _kernel(branches: list, teacher: list, target: Tensor, eps: Tensor, temperature: float, backend: str,
+            grad_scale: Optional[Tensor], teacher_grad: bool) -> tuple:
+    """(loss rows [K, B], branch gradients, teacher gradient) from the backend's dense or sparse kernel."""
+    if len(teacher) == 1:
+        return fused_forward(backend)(branches, teacher[0], target, eps, temperature, grad_scale, teacher_grad)
+    loss_rows, grad_branches = fused_forward_sparse(backend)(
+        branches, *teacher, target, eps, temperature, grad_scale)
+    return loss_rows, grad_branches, grad_branches.new_empty((0,))
+
+
+def run_kernel(branches: list, teacher: list, target: Tensor, eps: Tensor, temperature: float, reduction: int,
+               backend: str, grad_scale: Optional[Tensor], teacher_grad: bool) -> tuple:
     """Branch losses, plus the gradients for the row factors `grad_scale` when given (else empty)."""
-    loss_rows, grad_branches, grad_teacher = fused_forward(backend)(
-        branches, teacher, target, eps, temperature, grad_scale, teacher_grad)
+    loss_rows, grad_branches, grad_teacher = _kernel(
+        branches, teacher, target, eps, temperature, backend, grad_scale, teacher_grad)
     return _reduce(loss_rows, reduction), grad_branches, grad_teacher
 
 
-def _ofa_loss_forward(branches: list, teacher: Tensor, target: Tensor, eps: Tensor, temperature: float,
+def _ofa_loss_forward(branches: list, teacher: list, target: Tensor, eps: Tensor, temperature: float,
                       reduction: int, backend: str, expected_upstream: Optional[Tensor],
                       teacher_grad: bool) -> tuple:
     """Branch losses, plus the gradients for `expected_upstream` when it is given (else empty)."""
     grad_scale = None if expected_upstream is None else row_grad_scale(
-        expected_upstream, reduction, teacher.shape[0])
+        expected_upstream, reduction, target.shape[0])
     return run_kernel(branches, teacher, target, eps, temperature, reduction, backend, grad_scale, teacher_grad)
 
 
 ofa_loss_op = torch.library.custom_op("ofakd_fast::ofa_loss", _ofa_loss_forward, mutates_args=(), schema=(
-    "(Tensor[] branches, Tensor teacher, Tensor target, Tensor eps, float temperature, int reduction, "
+    "(Tensor[] branches, Tensor[] teacher, Tensor target, Tensor eps, float temperature, int reduction, "
     "str backend, Tensor? expected_upstream, bool teacher_grad) -> (Tensor, Tensor, Tensor)"))
 
 
 @ofa_loss_op.register_fake
 def _ofa_loss_fake(branches, teacher, target, eps, temperature, reduction, backend, expected_upstream, teacher_grad):
     num_branches = sum(branch_count(entry) for entry in branches)
-    batch, classes = teacher.shape
+    batch, classes = target.shape[0], branches[0].shape[-1]
     loss_shape = (num_branches, batch) if reduction == REDUCTIONS["none"] else (num_branches,)
-    loss = teacher.new_empty(loss_shape, dtype=loss_dtype(teacher.dtype))
+    loss = branches[0].new_empty(loss_shape, dtype=loss_dtype(branches[0].dtype))
     want_grad = expected_upstream is not None
-    grad_branches = teacher.new_empty((num_branches, batch, classes) if want_grad else (0,))
-    grad_teacher = teacher.new_empty((batch, classes) if want_grad and teacher_grad else (0,))
+    grad_branches = branches[0].new_empty((num_branches, batch, classes) if want_grad else (0,))
+    grad_teacher = branches[0].new_empty((batch, classes) if want_grad and teacher_grad else (0,))
     return loss, grad_branches, grad_teacher
 
 
 @torch.library.custom_op("ofakd_fast::ofa_loss_backward", mutates_args=())
-def _ofa_loss_backward_op(branches: list[Tensor], teacher: Tensor, target: Tensor, eps: Tensor, temperature: float,
+def _ofa_loss_backward_op(branches: list[Tensor], teacher: list[Tensor], target: Tensor, eps: Tensor, temperature: float,
                           reduction: int, backend: str, grad_loss: Tensor,
                           teacher_grad: bool) -> tuple[Tensor, Tensor]:
     """Gradients of the branch losses for the upstream gradient `grad_loss`, recomputed."""
-    grad_scale = row_grad_scale(grad_loss.to(loss_dtype(teacher.dtype)), reduction, teacher.shape[0])
-    _, grad_branches, grad_teacher = fused_forward(backend)(
-        branches, teacher, target, eps, temperature, grad_scale, teacher_grad)
+    grad_scale = row_grad_scale(grad_loss.to(loss_dtype(branches[0].dtype)), reduction, target.shape[0])
+    _, grad_branches, grad_teacher = _kernel(branches, teacher, target, eps, temperature, backend, grad_scale,
+                                             teacher_grad)
     return grad_branches, grad_teacher
 
 
 @_ofa_loss_backward_op.register_fake
 def _ofa_loss_backward_fake(branches, teacher, target, eps, temperature, reduction, backend, grad_loss, teacher_grad):
     num_branches = sum(branch_count(entry) for entry in branches)
-    batch, classes = teacher.shape
-    grad_teacher = teacher.new_empty((batch, classes) if teacher_grad else (0,))
-    return teacher.new_empty((num_branches, batch, classes)), grad_teacher
+    batch, classes = target.shape[0], branches[0].shape[-1]
+    grad_teacher = branches[0].new_empty((batch, classes) if teacher_grad else (0,))
+    return branches[0].new_empty((num_branches, batch, classes)), grad_teacher
 
 
 def _setup_context(ctx, inputs, output):
     branches, teacher, target, eps, temperature, reduction, backend, expected_upstream, teacher_grad = inputs
-    ctx.save_for_backward(teacher, target, eps, *branches)
+    ctx.save_for_backward(target, eps, *teacher, *branches)
     ctx.options = (temperature, reduction, backend, teacher_grad)
+    ctx.teacher_tensors = len(teacher)
     ctx.branch_counts = [branch_count(entry) for entry in branches]
     ctx.branch_is_stacked = [entry.dim() == 3 for entry in branches]
     ctx.mark_non_differentiable(output[1], output[2])
@@ -109,28 +131,39 @@ def _setup_context(ctx, inputs, output):
     ctx.precomputed = None if expected_upstream is None else (expected_upstream, output[1], output[2])
 
 
+def _saved_inputs(ctx) -> tuple:
+    """(target, eps, teacher tensors, branches) as `_setup_context` saved them."""
+    target, eps, *rest = ctx.saved_tensors
+    return target, eps, rest[:ctx.teacher_tensors], rest[ctx.teacher_tensors:]
+
+
+def _teacher_grads(ctx, grad_logits: Optional[Tensor]) -> list:
+    """The gradient of the op's ``Tensor[] teacher``: the logits' (or None), None for indices and lse."""
+    return [grad_logits] + [None] * (ctx.teacher_tensors - 1)
+
+
 def _differentiable_backward(ctx, grad_loss) -> tuple:
     """Gradients that have a graph themselves (``create_graph=True``: a gradient penalty, double
     backward), from autograd over the reference on the saved inputs: the fused kernels write
     first-order gradients only, and a gradient detached from its graph would be silently wrong."""
-    teacher, target, eps, *branches = ctx.saved_tensors
+    target, eps, teacher, branches = _saved_inputs(ctx)
     temperature, reduction, _, teacher_grad = ctx.options
     split = [b for entry in branches for b in (entry.unbind(0) if entry.dim() == 3 else [entry])]
     reduction_name = next(name for name, code in REDUCTIONS.items() if code == reduction)
-    losses = ofa_loss_multi_reference(split, teacher, target, eps.tolist(), temperature, reduction_name)
-    inputs = [*branches, teacher] if teacher_grad else branches
+    losses = ofa_loss_multi_reference(split, as_teacher(teacher), target, eps.tolist(), temperature, reduction_name)
+    inputs = [*branches, teacher[0]] if teacher_grad else branches
     wanted = [x for x in inputs if x.requires_grad]
     found = iter(torch.autograd.grad(losses, wanted, grad_loss, create_graph=True, allow_unused=True))
     grads = [next(found) if x.requires_grad else None for x in inputs]
     grads = [torch.zeros_like(x) if g is None and x.requires_grad else g for g, x in zip(grads, inputs)]
-    return grads[:len(branches)], (grads[-1] if teacher_grad else None), None, None, None, None, None, None, None
+    return grads[:len(branches)], _teacher_grads(ctx, grads[-1] if teacher_grad else None), *(None,) * 7
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_branches, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward with create_graph=True
         ctx.precomputed = None
         return _differentiable_backward(ctx, grad_loss)
-    teacher, target, eps, *branches = ctx.saved_tensors
+    target, eps, teacher, branches = _saved_inputs(ctx)
     temperature, reduction, backend, teacher_grad = ctx.options
     precomputed, ctx.precomputed = ctx.precomputed, None
     if precomputed is not None and torch.equal(
@@ -144,7 +177,7 @@ def _backward(ctx, grad_loss, _grad_of_grad_branches, _grad_of_grad_teacher):
     else:
         per_entry = grad_branches.split(ctx.branch_counts)
         grads = [g if stacked else g[0] for g, stacked in zip(per_entry, ctx.branch_is_stacked)]
-    return grads, (grad_teacher if teacher_grad else None), None, None, None, None, None, None, None
+    return grads, _teacher_grads(ctx, grad_teacher if teacher_grad else None), *(None,) * 7
 
 
 ofa_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -155,14 +188,16 @@ class EagerOFALoss(torch.autograd.Function):
 
     torch.library's Python dispatch of the custom op costs ~0.5 ms a call, as much as the
     kernel itself at ImageNet-1k sizes; torch.compile uses the op (it needs its fake kernel).
-    Branch tensors come last, as varargs, so autograd sees each of them as an input.
+    Branch tensors come last, as varargs, so autograd sees each of them as an input; the teacher's
+    logits come first (they get a gradient when they require one), a sparse teacher's indices and
+    lse in `teacher_extra` (a tuple, empty for a dense teacher).
     """
 
     @staticmethod
-    def forward(ctx, teacher, target, eps, temperature, reduction, backend, expected_upstream, teacher_grad,
-                grad_scale, *branches):
+    def forward(ctx, teacher_logits, teacher_extra, target, eps, temperature, reduction, backend, expected_upstream,
+                teacher_grad, grad_scale, *branches):
         # grad_scale: row_grad_scale(expected_upstream, ...), made once per distinct value by the caller.
-        branches = list(branches)
+        branches, teacher = list(branches), [teacher_logits, *teacher_extra]
         inputs = (branches, teacher, target, eps, temperature, reduction, backend, expected_upstream, teacher_grad)
         output = run_kernel(branches, teacher, target, eps, temperature, reduction, backend, grad_scale,
                              teacher_grad)
@@ -175,6 +210,6 @@ class EagerOFALoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher):
         if grad_loss is None:  # no gradient reached the losses (grads are not materialised)
-            return (None,) * (9 + len(ctx.branch_counts))
-        grads, grad_teacher, *_ = _backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher)
-        return (grad_teacher, None, None, None, None, None, None, None, None, *grads)
+            return (None,) * (10 + len(ctx.branch_counts))
+        grads, (grad_teacher, *_), *_ = _backward(ctx, grad_loss, grad_of_grad_branches, grad_of_grad_teacher)
+        return (grad_teacher, None, None, None, None, None, None, None, None, None, *grads)

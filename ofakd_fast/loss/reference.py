@@ -10,12 +10,15 @@ Two forms of the same math (see ``shared/docs/ofa-loss.md``):
   and stays finite for logits of any magnitude.
 
 Both take one student branch ``[B, C]``, the teacher ``[B, C]`` and int64 targets ``[B]`` and
-return the per-row loss ``[B]``; gradients come from autograd. :func:`ofa_loss_soft_mask` is the
+return the per-row loss ``[B]``; gradients come from autograd. The log-domain form also takes a
+:class:`.sparse.SparseTeacher` in place of the teacher logits. :func:`ofa_loss_soft_mask` is the
 oracle of the general form, for any mask ``[B, C]`` (mixup, label smoothing): the one ``ofa_loss``
 runs for masks that are not one-hot.
 """
 import torch
 import torch.nn.functional as F
+
+from .sparse import SparseTeacher, dense_log_probs
 
 
 def ofa_loss_original(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
@@ -28,11 +31,15 @@ def ofa_loss_original(logits_student: torch.Tensor, logits_teacher: torch.Tensor
     return -(weight * torch.log(pred_student)).sum(dim=-1)
 
 
-def ofa_loss_log_domain(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
+def ofa_loss_log_domain(logits_student: torch.Tensor, logits_teacher, target: torch.Tensor,
                         eps: float, temperature: float = 1.0) -> torch.Tensor:
-    """Per-row OFA loss in the log domain: finite wherever the true loss is."""
+    """Per-row OFA loss in the log domain: finite wherever the true loss is. `logits_teacher` is
+    dense [B, C] or a :class:`.sparse.SparseTeacher` (its dense view: the rest's mass spread evenly)."""
     log_q = F.log_softmax(logits_student / temperature, dim=-1)
-    log_p = F.log_softmax(logits_teacher / temperature, dim=-1)
+    if isinstance(logits_teacher, SparseTeacher):
+        log_p = dense_log_probs(logits_teacher, logits_student.shape[-1], temperature).to(log_q.dtype)
+    else:
+        log_p = F.log_softmax(logits_teacher / temperature, dim=-1)
     weight = torch.exp(eps * log_p)
     p_target = log_p.gather(-1, target[:, None]).exp()
     target_weight = torch.expm1(eps * torch.log1p(p_target))

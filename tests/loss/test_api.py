@@ -6,6 +6,8 @@ import ofakd_fast
 from conftest import make_case
 from ofakd_fast import ofa_loss_multi
 from ofakd_fast.loss.backends import resolve_backend
+from ofakd_fast.loss.op import teacher_tensors
+from ofakd_fast.loss.sparse import sparse_teacher
 
 
 def call(students=None, teacher=None, target=None, eps=1.0, temperature=1.0, **kw):
@@ -79,14 +81,16 @@ def test_cpu_extension_registers_the_fused_op():
     assert str(torch.ops.ofakd_fast.ofa_loss.default._schema).startswith("ofakd_fast::ofa_loss(Tensor[] branches")
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_teacher", "sparse_teacher"])
+def test_custom_ops_pass_opcheck(sparse):
     students, teacher, target = make_case(3, 7, 2)
+    teacher = teacher_tensors(sparse_teacher(teacher, 3) if sparse else teacher)
     eps = torch.tensor([1.0, 1.5], dtype=torch.float64)
     torch.library.opcheck(torch.ops.ofakd_fast.ofa_loss.default,
                           ([s.detach() for s in students], teacher, target, eps, 2.0, 1, "cpu", None, False))
     torch.library.opcheck(torch.ops.ofakd_fast.ofa_loss_backward.default,
                           ([s.detach() for s in students], teacher, target, eps, 2.0, 1, "cpu",
-                           torch.ones(2), True))
+                           torch.ones(2), not sparse))
 
 
 def test_empty_cache_releases_idle_buffers():
