@@ -61,6 +61,7 @@ setup(
     package_data={"ofakd_fast.train": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["ofakd-train=ofakd_fast.train.cli:main",
                                       "ofakd-eval=ofakd_fast.train.evaluate:main",
+                                      "ofakd-cache-teacher=ofakd_fast.train.cache_teacher:main",
                                       "ofakd-mnist=ofakd_fast.demo.mnist:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},

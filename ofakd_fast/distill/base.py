@@ -13,13 +13,15 @@ checkpoints (load it separately). ``_apply`` forwards ``.to()``, ``.cuda()``, ``
 ``.to(memory_format=...)`` to it so it always sits with the student.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from timm.layers import to_2tuple
 from torch import Tensor, nn
+
+from ..loss.sparse import SparseTeacher, dense_log_probs
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,20 @@ def set_teacher_input_normalization(teacher: nn.Module, data_mean, data_std, tea
     teacher.register_buffer(TEACHER_INPUT_SHIFT, shift.float(), persistent=False)
 
 
+def teacher_input(teacher: nn.Module, images: Tensor) -> Tensor:
+    """The images as `teacher` reads them: renormalized if :func:`set_teacher_input_normalization` was called."""
+    scale = getattr(teacher, TEACHER_INPUT_SCALE, None)
+    if scale is None:
+        return images
+    shift = getattr(teacher, TEACHER_INPUT_SHIFT)
+    return torch.addcmul(shift.to(images.dtype), images, scale.to(images.dtype))
+
+
+def run_teacher(teacher: nn.Module, images: Tensor) -> Tensor:
+    """The teacher's logits of `images` (the one place they are computed: distillers and ofakd-cache-teacher)."""
+    return teacher(teacher_input(teacher, images))
+
+
 class BaseDistiller(nn.Module):
     """A registered student, a frozen unregistered teacher (see the module docstring) and the ground-truth loss."""
 
@@ -89,6 +105,7 @@ class BaseDistiller(nn.Module):
     hyper_parameters: Tuple[HyperParameter, ...] = ()
     needs_teacher = True  # False: trains without one (the teacher flags are ignored)
     needs_sample_index = False  # True: forward(images, labels, sample_index) gets the dataset index of each image
+    reads_teacher_logits_only = False  # True: a teacher cache can stand in for the teacher (no features)
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss_weights: Optional[dict] = None,
                  gt_criterion: Optional[nn.Module] = None, label_smoothing: float = 0.0):
@@ -136,16 +153,35 @@ class BaseDistiller(nn.Module):
         self.load_state_dict(state, strict=False)
 
     def teacher_inputs(self, images: Tensor) -> Tensor:
-        """The images as the teacher reads them: renormalized if :func:`set_teacher_input_normalization` was called."""
-        scale = getattr(self._teacher, TEACHER_INPUT_SCALE, None)
-        if scale is None:
-            return images
-        shift = getattr(self._teacher, TEACHER_INPUT_SHIFT)
-        return torch.addcmul(shift.to(images.dtype), images, scale.to(images.dtype))
+        return teacher_input(self._teacher, images)
+
+    def use_teacher_output(self, output: Union[Tensor, SparseTeacher, None]) -> None:
+        """Makes the next forward read `output` (a teacher cache's rows) instead of running the teacher."""
+        object.__setattr__(self, "_given_teacher_output", output)
 
     @torch.no_grad()
+    def teacher_output(self, images: Tensor) -> Union[Tensor, SparseTeacher]:
+        """The teacher's logits of `images`, or the output :meth:`use_teacher_output` handed in (used once)."""
+        given = getattr(self, "_given_teacher_output", None)
+        if given is not None:
+            self.use_teacher_output(None)
+            return given
+        return run_teacher(self._teacher, images)
+
     def teacher_logits(self, images: Tensor) -> Tensor:
-        return self._teacher(self.teacher_inputs(images))
+        """Dense teacher logits [B, C]: a sparse cached teacher becomes T * log p of the teacher it stands
+        for (softmax at the cache's temperature T gives p back; -inf kept finite for the losses' sake)."""
+        output = self.teacher_output(images)
+        if not isinstance(output, SparseTeacher):
+            return output
+        classes = self.student.num_classes
+        log_p = dense_log_probs(output, classes, self.teacher_temperature)
+        return log_p.clamp_min(-1e4) * self.teacher_temperature  # exp(-1e4) is 0 in any dtype
+
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature the distillation loss reads the teacher at (a sparse cache must match it)."""
+        return float(getattr(self, "temperature", 1.0))
 
     def gt_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """`gt_criterion` if given; else cross-entropy, with soft labels [B, C] (mixup, cutmix) as soft

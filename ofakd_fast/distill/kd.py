@@ -8,6 +8,8 @@ from .base import BaseDistiller, HyperParameter
 class KDDistiller(BaseDistiller):
     """Hinton KD: KL(teacher || student) at temperature T, times T**2, plus the ground-truth loss."""
 
+    reads_teacher_logits_only = True
+
     default_loss_weights = {"gt": 1.0, "kd": 1.0}
     loss_names = ("loss_gt", "loss_kd")
     hyper_parameters = (HyperParameter("temperature", "--kd-temperature", 1.0, "KD temperature", low_open=True),)

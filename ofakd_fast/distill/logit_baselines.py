@@ -93,6 +93,8 @@ class LogitDistiller(BaseDistiller):
     """A distiller whose distillation loss reads only the student's and the teacher's logits (and the
     hard targets): ``loss_gt`` and ``loss_kd``. Subclasses define :meth:`kd_loss`."""
 
+    reads_teacher_logits_only = True
+
     default_loss_weights = {"gt": 1.0, "kd": 1.0}  # --gt-loss-weight, --kd-loss-weight (train.py)
     loss_names = ("loss_gt", "loss_kd")
 
@@ -152,6 +154,10 @@ class DIST(LogitDistiller):
         HyperParameter("gamma", "--dist-gamma", 1.0, "DIST weight of the intra-class relation loss"),
         HyperParameter("tau", "--dist-tau", 1.0, "DIST temperature", low_open=True),
     )
+
+    @property
+    def teacher_temperature(self) -> float:
+        return float(self.tau)
 
     def kd_loss(self, logits: Tensor, logits_teacher: Tensor, labels: Tensor) -> Tensor:
         return dist_loss(logits, logits_teacher, self.beta, self.gamma, self.tau)

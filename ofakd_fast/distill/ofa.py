@@ -127,6 +127,8 @@ class OFADistiller(BaseDistiller):
     classifier of the student's width.
     """
 
+    reads_teacher_logits_only = True
+
     default_loss_weights = {"gt": 1.0, "kd": 1.0, "ofa": 1.0}
     loss_names = ("loss_gt", "loss_ofa_logits", "loss_ofa_stages")
     hyper_parameters = (HyperParameter("temperature", "--ofa-temperature", 1.0, "OFA temperature", low_open=True),)
@@ -205,7 +207,7 @@ class OFADistiller(BaseDistiller):
         return final, [final if i is None else levels[i] for i in self._level_of_stage]
 
     def forward(self, images: Tensor, labels: Tensor):
-        logits_teacher = self.teacher_logits(images)
+        logits_teacher = self.teacher_output(images)  # dense logits, or a cache's SparseTeacher
         final, features = self._student_features(images)
         logits = self.student.forward_head(final)
         branches = [projector(f) for projector, f in zip(self.projectors.values(), features)] + [logits]

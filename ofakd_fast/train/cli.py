@@ -128,6 +128,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="the original train.py's teacher weights flag: a checkpoint file (loaded through timm's "
                         "pretrained-config file override), 'timm' for timm's released weights from the hub, "
                         "empty (default): none")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="read the teacher's outputs from a cache of ofakd-cache-teacher instead of running it "
+                        "(logit distillers only; the teacher flags must be the cache's)")
     g.add_argument("--use-ema-teacher", action="store_true",
                    help="load the EMA weights of the teacher's checkpoint (default: its non-EMA weights)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm in the student under DDP")
@@ -402,6 +405,10 @@ def check_args(args: argparse.Namespace) -> None:
                          "use --distiller vanilla to train without a teacher")
     if args.teacher_checkpoint and not args.teacher:
         raise UsageError("--teacher-checkpoint needs --teacher (the timm model name the weights belong to)")
+    if args.teacher_cache and not DISTILLERS[args.distiller].reads_teacher_logits_only:
+        raise UsageError(f"--teacher-cache: --distiller {args.distiller} reads the teacher's features or runs "
+                         "without a teacher, so it needs the live teacher; drop --teacher-cache (a cache serves ofa, "
+                         "kd and the logit baselines bkd, dkd, dist)")
     if args.amp and args.amp_dtype == "float16" and resolve_device(args.device).type != "cuda":
         raise UsageError("--amp-dtype float16: expected a CUDA device (float16 autocast with a GradScaler runs on "
                          "GPUs only); use --amp-dtype bfloat16 on CPU")

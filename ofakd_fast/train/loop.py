@@ -9,6 +9,7 @@ per-rank RNG states, the scheduler, and the running loss sums of the interrupted
 """
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .models import build_teacher, create_model, distiller_from_args
 from .resume import check_resume_args
 from .rundir import Logger, append_summary, default_run_dir, format_seconds, plain, trim_summary, write_config
 from .sampling import build_loader
+from .teacher_cache import TeacherCache, run_fields, teacher_output_to
 
 
 RUN_RESULTS = ("last.pth", "best.pth", "summary.csv")  # what a run directory holds that --output must not destroy
@@ -61,6 +63,7 @@ class Trainer:
         student, teacher = self._build_models()
         self._build_data()
         self._build_distiller(student, teacher)
+        self.teacher_cache = self._open_teacher_cache(teacher)
         self._build_optimization()
         self.progress, self.partial, self.last_eval = Progress(), None, {}
         if resume_state is not None:
@@ -130,6 +133,22 @@ class Trainer:
         if args.channels_last:
             distiller.to(memory_format=torch.channels_last)  # the teacher follows (BaseDistiller._apply)
         self.distiller = distiller
+
+    def _open_teacher_cache(self, teacher: Optional[nn.Module]) -> Optional[TeacherCache]:
+        """The --teacher-cache, checked against this run: its teacher's weights, data, seed, augmentation,
+        epochs and (top-k caches) the loss temperature; None without the flag."""
+        if not self.args.teacher_cache:
+            return None
+        cache = TeacherCache(self.args.teacher_cache)
+        cache.check(run_fields(self.args, teacher, len(self.train_set), self.info.num_classes))
+        cached_t, loss_t = cache.manifest["temperature"], self.distiller.teacher_temperature
+        if cache.manifest["topk"] and cached_t != loss_t:
+            raise DataError(f"--teacher-cache {cache.root}: its top-k rows hold logsumexp at temperature {cached_t}, "
+                            f"this run's loss reads the teacher at {loss_t}: make the cache with "
+                            f"--cache-temperature {loss_t} (or a full cache, --cache-topk 0)")
+        self.log(f"teacher outputs from the cache {cache.root} (top-{cache.manifest['topk'] or 'all'}, "
+                 f"{cache.manifest['dtype']}): the teacher does not run")
+        return cache
 
     def _build_optimization(self) -> None:
         """Optimizer (timm's, no weight decay where the distiller says), schedule, scaler, EMA, mixup."""
@@ -247,9 +266,13 @@ class Trainer:
                 break
         return self._result(stopped)
 
-    def train_step(self, images: torch.Tensor, target: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-        """One optimizer step; returns the detached [total, *loss entries] of this step."""
+    def train_step(self, images: torch.Tensor, target: torch.Tensor, sample_index: torch.Tensor,
+                   teacher_output=None) -> torch.Tensor:
+        """One optimizer step; returns the detached [total, *loss entries] of this step. `teacher_output`:
+        the teacher's cached output for these images (``--teacher-cache``), else the teacher runs."""
         args = self.args
+        if teacher_output is not None:
+            self.distiller.use_teacher_output(teacher_output_to(teacher_output, self.device))
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
@@ -289,12 +312,12 @@ class Trainer:
         self.model.train()
         sums, steps_in_sums = self._epoch_sums(epoch == self.progress.epoch)
         epoch_start, step, stopped = time.perf_counter(), skip, False
-        for images, target, sample_index in self.train_loader:
+        for images, target, sample_index, teacher_output in self._batches(epoch):
             if step >= self.steps_per_epoch:
                 break
             step_losses = self.train_step(images.to(self.device, non_blocking=True),
                                           target.to(self.device, non_blocking=True),
-                                          sample_index.to(self.device, non_blocking=True))
+                                          sample_index.to(self.device, non_blocking=True), teacher_output)
             sums += step_losses
             self._note_non_finite(step_losses[0])
             step, steps_in_sums, self.run_steps = step + 1, steps_in_sums + 1, self.run_steps + 1
@@ -315,6 +338,23 @@ class Trainer:
             self.end_epoch(epoch, sums, steps_in_sums, seconds, (step - skip) * args.batch_size * self.ddp.world_size,
                            stopped)
         return stopped
+
+    def _batches(self, epoch: int):
+        """The loader's batches with the teacher cache's rows for them (None without a cache), each read in a
+        thread while the step before it trains, so reading never holds up a step."""
+        if self.teacher_cache is None:
+            for batch in self.train_loader:
+                yield (*batch, None)
+            return
+        with ThreadPoolExecutor(1) as reader:
+            pending = None
+            for batch in self.train_loader:
+                ahead = (batch, reader.submit(self.teacher_cache.rows, epoch, batch[2]))
+                if pending is not None:
+                    yield (*pending[0], pending[1].result())
+                pending = ahead
+            if pending is not None:
+                yield (*pending[0], pending[1].result())
 
     def _epoch_sums(self, resumed_epoch: bool):
         """The running loss sums of an epoch: zeros, or the saved ones of an epoch resumed midway."""

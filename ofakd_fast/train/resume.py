@@ -12,7 +12,7 @@ from .errors import UsageError
 MAY_CHANGE = frozenset({
     "config", "resume", "output", "overwrite", "epochs", "log_interval", "eval_interval", "checkpoint_interval",
     "stop_after_steps", "quiet", "workers", "threads", "eval_batch_size", "device", "compile", "data_dir",
-    "teacher_checkpoint", "initial_checkpoint"})
+    "teacher_checkpoint", "initial_checkpoint", "teacher_cache"})
 
 
 def flag(key: str) -> str:
