@@ -9,8 +9,9 @@ accumulating launches for K > 8) makes for a grid of problems, this compiles the
 the kernel replaced by a recorder, and the recorded arguments are specialized by Triton's own binder
 for the sm_90 backend, as a launch on a GPU would be.
 
-For the CUDA kernel (``csrc/ofa_loss_cuda.cu``: one kernel per dtype, K and C are runtime values)
-nvcc compiles it for sm_90 with ``-Xptxas -v``, the flags of ``ofakd_fast/loss/build.py``
+For the CUDA kernels (``csrc/ofa_loss_cuda.cu``: ``ofa_rows_kernel`` for a dense teacher and
+``ofa_sparse_rows_kernel`` for a sparse one, one per dtype each, K and C are runtime values)
+nvcc compiles them for sm_90 with ``-Xptxas -v``, the flags of ``ofakd_fast/loss/build.py``
 (``nvcc_flags()``) and torch's CUDA include dirs and nvcc defines, as ``setup.py`` would.
 
 From registers and shared memory: the occupancy on sm_90 (65536 registers, 2048 threads, 32 blocks,
@@ -379,24 +380,36 @@ def cuda_command(output: str, arch: int = 90) -> List[str]:
 
 
 _DTYPE_OF_MANGLED = {"IfE": "fp32", "IdE": "fp64", "IN3c108BFloat16EE": "bf16", "IN3c104HalfEE": "fp16"}
+# The __global__ kernels of csrc/ofa_loss_cuda.cu: the dense teacher's and the sparse teacher's.
+CUDA_KERNELS = ("ofa_rows_kernel", "ofa_sparse_rows_kernel")
 
 
-def cuda_resources(arch: int = 90) -> Dict[str, dict]:
-    """{dtype: regs, stack, spill_stores, spill_loads, smem (static)} of ofa_rows_kernel from ptxas -v."""
+def _kernel_of(entry: str) -> Optional[Tuple[str, str]]:
+    """(kernel, dtype) of a mangled entry name such as _ZN5ofakd11cuda_kernel15ofa_rows_kernelIfEEv... (the
+    length prefix tells ofa_rows_kernel from ofa_sparse_rows_kernel)."""
+    for kernel in CUDA_KERNELS:
+        for code, dtype in _DTYPE_OF_MANGLED.items():
+            if f"{len(kernel)}{kernel}{code}" in entry:
+                return kernel, dtype
+    return None
+
+
+def cuda_resources(arch: int = 90) -> Dict[str, Dict[str, dict]]:
+    """{kernel: {dtype: regs, stack, spill_stores, spill_loads, smem (static)}} of the CUDA_KERNELS from ptxas -v."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = cuda_command(os.path.join(tmp, "k.o"), arch)
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = {}
+    out: Dict[str, Dict[str, dict]] = {}
     for block in re.split(r"(?=ptxas info\s+: Compiling entry function)", proc.stderr):
         m = re.search(r"Compiling entry function '(\S+)'", block)
-        if not m or "ofa_rows_kernel" not in m.group(1):
-            continue
-        dtype = next((d for k, d in _DTYPE_OF_MANGLED.items() if f"ofa_rows_kernel{k}" in m.group(1)), m.group(1))
-        out[dtype] = _parse_ptxas(block)
-    if not out:
-        raise RuntimeError(f"no ofa_rows_kernel entry in the ptxas output:\n{proc.stderr[-3000:]}")
+        found = _kernel_of(m.group(1)) if m else None
+        if found:
+            out.setdefault(found[0], {})[found[1]] = _parse_ptxas(block)
+    missing = [kernel for kernel in CUDA_KERNELS if kernel not in out]
+    if missing:
+        raise RuntimeError(f"no {', '.join(missing)} entry in the ptxas output:\n{proc.stderr[-3000:]}")
     return out
 
 
@@ -440,28 +453,30 @@ def render(configs: List[TritonConfig], cuda: Optional[Dict[str, dict]], cuda_er
                          f"| {t['fwd_us']:.2f} us | {t['fwdbwd_us']:.2f} us | {loop} |")
     lines.append("")
     # CUDA.
-    lines += ["**CUDA kernel** (`ofa_rows_kernel`, `nvcc -O3 -Xptxas -v` for sm_90 with the flags of "
-              "`build.py`; `__launch_bounds__(max_row_threads, MinBlocksPerSM)`: 512 threads, 256 for fp64; shared = static + `row_scratch_bytes`):", ""]
+    lines += ["**CUDA kernels** (`ofa_rows_kernel`, dense teacher; `ofa_sparse_rows_kernel`, sparse teacher; "
+              "`nvcc -O3 -Xptxas -v` for sm_90 with the flags of "
+              "`build.py`; `__launch_bounds__(max_row_threads, MinBlocksPerSM)`: 512 threads, 256 for fp64; shared = "
+              "static + `row_scratch_bytes` (dense only)):", ""]
     if cuda is None:
         lines += [f"not compiled: {cuda_error}", ""]
     else:
-        lines += ["| dtype | registers | stack | spill stores / loads | static smem | launch at C = 1000 | "
-                  "occupancy | launch at C = 21841 | occupancy |", "|---|---|---|---|---|---|---|---|---|"]
-        for dtype in DTYPES:
-            r = cuda.get(dtype)
+        lines += ["| kernel | dtype | registers | stack | spill stores / loads | static smem | launch at C = 1000 | "
+                  "occupancy | launch at C = 21841 | occupancy |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for kernel, dtype in ((kernel, dtype) for kernel in CUDA_KERNELS for dtype in DTYPES):
+            r = cuda.get(kernel, {}).get(dtype)
             if r is None:
                 continue
             cells = []
             for C in (1000, 21841):
                 p = cuda_launch(C, dtype)
-                smem = r.get("smem", 0) + p["dyn_smem"]
+                smem = r.get("smem", 0) + (p["dyn_smem"] if kernel == "ofa_rows_kernel" else 0)
                 o = occupancy(r["regs"], p["threads"], smem)
                 cells += [f"{p['threads']} thr, {p['chunks']} chunk(s), {_kb(smem)} smem",
                           f"{o['blocks']} blk = {o['occupancy']:.0%} ({o['limiter']})"]
             spill = f"{r.get('spill_stores', '?')} / {r.get('spill_loads', '?')} B"
             if r.get("spill_stores"):
                 spill = f"**{spill}**"
-            lines.append(f"| {dtype} | {r['regs']} | {r.get('stack', '?')} B | {spill} | {r.get('smem', '?')} B | "
+            lines.append(f"| {kernel} | {dtype} | {r['regs']} | {r.get('stack', '?')} B | {spill} | {r.get('smem', '?')} B | "
                          + " | ".join(cells) + " |")
         lines.append("")
     # Triton: reference shapes.
@@ -556,7 +571,8 @@ def main(argv=None) -> int:
         print(f"wrote the resources section of {README}")
     else:
         print(section)
-    spills = [c for c in configs if c.spills] + [d for d, r in (cuda or {}).items() if r.get("spill_stores")]
+    spills = [c for c in configs if c.spills] + [d for figures in (cuda or {}).values()
+                                                  for d, r in figures.items() if r.get("spill_stores")]
     if spills:
         print(f"note: {len(spills)} kernel variant(s) spill", file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-// Fused multi-branch OFA loss on CUDA: the CUDA implementation of ofakd_fast_C::fused_forward.
+// Fused multi-branch OFA loss on CUDA: the CUDA implementations of ofakd_fast_C::fused_forward and
+// ofakd_fast_C::fused_forward_sparse.
 //
 // Contract (identical to the CPU kernel in ofa_loss_cpu.cpp, which defines the op's schema):
 //   fused_forward(Tensor[] branches, Tensor teacher, Tensor target, Tensor eps, float temperature,
@@ -12,11 +13,21 @@
 //   A target outside [0, C) is not checked on the host (that would synchronise with the GPU): the
 //   row's loss (and its gradients) come out NaN instead. C == 0 gives NaN losses for that reason.
 //
-// Files: this one launches the kernel (compiled by nvcc with no ATen header, so a build takes seconds
+//   fused_forward_sparse(Tensor[] branches, Tensor teacher_logits, Tensor teacher_indices,
+//                        Tensor teacher_lse, Tensor target, Tensor eps, float temperature,
+//                        Tensor? grad_scale) -> (loss_rows, grad_branches)
+//   the same branches, target, eps and grad_scale; the teacher as each row's k stored classes:
+//   logits [B, k] and lse [B] = logsumexp(t / T) over all C classes in the loss dtype, indices [B, k]
+//   int64 (distinct, in [0, C)); the rest's mass is spread evenly over the other C - k classes
+//   (shared/docs/ofa-loss.md, "A sparse teacher"). No teacher gradient. A stored class outside
+//   [0, C) makes its row NaN like a bad target (it is never read or written).
+//
+// Files: this one launches the kernels (compiled by nvcc with no ATen header, so a build takes seconds
 // of device compilation, not minutes); ofa_loss_cuda_op.cpp (g++) has the op's input checks, output
 // allocation and registration; ofa_loss_cuda_launch.h the launch plan (grid, block, shared memory,
-// launches per branch group); ofa_loss_cuda_kernel.cuh the __global__ kernel and block reduction;
-// ofa_loss_cuda_row.cuh the row program and its algorithm.
+// launches per branch group); ofa_loss_cuda_kernel.cuh the __global__ kernels and block reduction;
+// ofa_loss_cuda_row.cuh the dense row program and its algorithm; ofa_loss_cuda_sparse_row.cuh the
+// sparse-teacher row program (the same slot layout, loads, reductions and launch plan).
 //
 // Design:
 //   * one thread block per batch row, 32 .. 512 threads (256 for double): the smallest power of two
@@ -58,12 +69,26 @@ cudaError_t launch_rows(const LaunchParams<scalar_t>& params, const LaunchShape&
   return cudaGetLastError();
 }
 
+template <typename scalar_t>
+cudaError_t launch_sparse_rows(const SparseLaunchParams<scalar_t>& params, const LaunchShape& shape,
+                               cudaStream_t stream) {
+  ofa_sparse_rows_kernel<scalar_t>
+      <<<static_cast<unsigned>(shape.blocks), shape.threads, shape.shared_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
 // One kernel per dtype (c10::Half and c10::BFloat16 convert to and from float with the CUDA
 // intrinsics; their arithmetic is never used).
 template cudaError_t launch_rows<float>(const LaunchParams<float>&, const LaunchShape&, cudaStream_t);
 template cudaError_t launch_rows<double>(const LaunchParams<double>&, const LaunchShape&, cudaStream_t);
 template cudaError_t launch_rows<c10::BFloat16>(const LaunchParams<c10::BFloat16>&, const LaunchShape&, cudaStream_t);
 template cudaError_t launch_rows<c10::Half>(const LaunchParams<c10::Half>&, const LaunchShape&, cudaStream_t);
+template cudaError_t launch_sparse_rows<float>(const SparseLaunchParams<float>&, const LaunchShape&, cudaStream_t);
+template cudaError_t launch_sparse_rows<double>(const SparseLaunchParams<double>&, const LaunchShape&, cudaStream_t);
+template cudaError_t launch_sparse_rows<c10::BFloat16>(const SparseLaunchParams<c10::BFloat16>&, const LaunchShape&,
+                                                       cudaStream_t);
+template cudaError_t launch_sparse_rows<c10::Half>(const SparseLaunchParams<c10::Half>&, const LaunchShape&,
+                                                   cudaStream_t);
 
 }  // namespace cuda_kernel
 }  // namespace ofakd

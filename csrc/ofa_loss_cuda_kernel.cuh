@@ -1,12 +1,12 @@
-// The CUDA kernel of the fused OFA loss: device memory accesses, block reductions and the
-// __global__ entry around the row program of ofa_loss_cuda_row.cuh (how it is launched:
-// ofa_loss_cuda_launch.h). No ATen here, so the device code can be compiled (and its register use
+// The CUDA kernels of the fused OFA loss: device memory accesses, block reductions and the
+// __global__ entries around the row programs of ofa_loss_cuda_row.cuh (dense teacher) and
+// ofa_loss_cuda_sparse_row.cuh (sparse teacher); how they are launched: ofa_loss_cuda_launch.h. No ATen here, so the device code can be compiled (and its register use
 // inspected with -Xptxas -v) on its own.
 #pragma once
 
 #include <cstring>
 
-#include "ofa_loss_cuda_row.cuh"
+#include "ofa_loss_cuda_sparse_row.cuh"
 
 namespace ofakd {
 namespace cuda_kernel {
@@ -113,6 +113,22 @@ __global__ void __launch_bounds__(max_row_threads(sizeof(scalar_t)), MinBlocksPe
   ops.max_scratch = max_scratch;
   ops.sum_scratch = sum_scratch;
   ofa_row<scalar_t>(ops, P, static_cast<int64_t>(blockIdx.x), shared_row, reinterpret_cast<acc_t*>(row_scratch));
+}
+
+// The sparse-teacher kernel: one block per batch row, the row program ofa_sparse_row
+// (ofa_loss_cuda_sparse_row.cuh); the dense kernel's block sizes and register budget, no dynamic
+// shared memory.
+template <typename scalar_t>
+__global__ void __launch_bounds__(max_row_threads(sizeof(scalar_t)), MinBlocksPerSM<scalar_t>::value)
+    ofa_sparse_rows_kernel(const SparseLaunchParams<scalar_t> P) {
+  using acc_t = acc_of<scalar_t>;
+  __shared__ SparseRowShared<acc_t> shared_row;
+  __shared__ acc_t max_scratch[kMaxWarpsPerRow];
+  __shared__ Sums sum_scratch[kMaxWarpsPerRow];
+  BlockOps<acc_t> ops;
+  ops.max_scratch = max_scratch;
+  ops.sum_scratch = sum_scratch;
+  ofa_sparse_row<scalar_t>(ops, P, static_cast<int64_t>(blockIdx.x), shared_row);
 }
 
 }  // namespace cuda_kernel

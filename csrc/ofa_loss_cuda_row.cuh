@@ -11,7 +11,9 @@
 //   * tests/cuda_emulator.cpp instantiates it on the host, one std::thread per GPU thread with a
 //     barrier, and checks every memory access (bounds, 16-byte alignment of vector accesses), so the
 //     indexing, masking and math run in CI on machines without a GPU.
-// The per-element formulas all come from ofa_row_math.h.
+// The per-element formulas all come from ofa_row_math.h. The student side (BranchParams, RowLayout,
+// plan_layout, the slot loads, stores and statistics, the group reductions) is shared with the
+// sparse-teacher row program, ofa_loss_cuda_sparse_row.cuh.
 //
 // Layout of a row in registers ("slots"): the row is cut into slots of W = 16 / sizeof(scalar_t)
 // elements (4 float, 8 bf16/half, 2 double) aligned to 16 bytes in memory: slot s covers elements
@@ -111,16 +113,15 @@ OFA_HOST_DEVICE T quiet_nan() {
   return static_cast<T>(NAN);
 }
 
-// Everything one launch needs, passed by value as the kernel argument (see the static_assert below).
+// The student side of one launch, shared by the dense and the sparse-teacher kernels
+// (ofa_loss_cuda_sparse_row.cuh): the branches, targets, temperature, losses and student gradients.
 template <typename scalar_t>
-struct LaunchParams {
+struct BranchParams {
   using acc_t = acc_of<scalar_t>;
   const scalar_t* branch[kMaxBranchesPerLaunch];  // row 0 of each branch of this launch
   int64_t branch_stride[kMaxBranchesPerLaunch];   // row strides, in elements
   acc_t eps[kMaxBranchesPerLaunch];
   int num_branches;  // 1 .. kMaxBranchesPerLaunch
-  const scalar_t* teacher;
-  int64_t teacher_stride;
   const int64_t* target;  // [B], contiguous
   int64_t B, C;
   acc_t inv_t;       // 1 / temperature
@@ -128,6 +129,15 @@ struct LaunchParams {
   const acc_t* grad_scale;  // null: no gradients; else element [k, b] at k * stride_k + b * stride_b
   int64_t scale_stride_k, scale_stride_b;
   scalar_t* grad_branches;  // [num_branches, B, C] contiguous: this launch's part of [K, B, C]
+};
+
+// Everything one launch of the dense kernel needs, passed by value as the kernel argument (see the
+// static_assert below): the branches and the dense teacher.
+template <typename scalar_t>
+struct LaunchParams : BranchParams<scalar_t> {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* teacher;
+  int64_t teacher_stride;
   bool teacher_grad;        // add this launch's branches to the teacher gradient
   bool tg_accumulate;       // tg_work holds the sum over the previous launches
   acc_t* tg_work;           // [B, C] running teacher gradient (may alias grad_teacher if scalar_t == acc_t)
@@ -356,42 +366,61 @@ OFA_UNROLL
 
 // Row b of branch k (a launch-local branch index).
 template <typename scalar_t>
-OFA_ROW_FN const scalar_t* branch_row(const LaunchParams<scalar_t>& P, int k, int64_t b) {
+OFA_ROW_FN const scalar_t* branch_row(const BranchParams<scalar_t>& P, int k, int64_t b) {
   return P.branch[k] + b * P.branch_stride[k];
 }
 
 // Row b of branch k's student gradient ([num_branches, B, C], contiguous).
 template <typename scalar_t>
-OFA_ROW_FN scalar_t* branch_grad_row(const LaunchParams<scalar_t>& P, int k, int64_t b) {
+OFA_ROW_FN scalar_t* branch_grad_row(const BranchParams<scalar_t>& P, int k, int64_t b) {
   return P.grad_branches + (k * P.B + b) * P.C;
 }
 
-// Row b as one thread sees it in every pass: what is wanted, the target, the slot layout.
+// Row b's student side as one thread sees it in every pass (both kernels): what is wanted, the
+// target, the slot layout.
 template <typename scalar_t>
-struct RowPlan {
+struct RowLayout {
   using acc_t = acc_of<scalar_t>;
   static constexpr int W = Pack<scalar_t>::kWidth;
   int64_t b;
   int C;
   acc_t inv_t;
-  bool want_grad, want_tgrad;
+  bool want_grad;
   bool y_ok;     // the target lies in [0, C)
   int y;         // the target class; -1 when out of range, so no element is the target
   int phase;     // the slot phase (see majority_phase)
   int G, r;      // group size, this thread's rank
   int nchunks;   // slots per thread
   bool resident; // one slot per thread: the row stays in registers, each logit read once
+
+  // First element of this thread's slot in chunk j; chunk 0 is a resident row's only slot.
+  OFA_ROW_FN int slot_start(int j) const { return (j * G + r) * W - phase; }
+  OFA_ROW_FN bool overlaps_row(int e0) const { return e0 + W > 0 && e0 < C; }
+};
+
+// The dense kernel's row plan: the layout plus the teacher row and the resident row's scratch.
+template <typename scalar_t>
+struct RowPlan : RowLayout<scalar_t> {
+  using acc_t = acc_of<scalar_t>;
+  bool want_tgrad;
   const scalar_t* t_row;
   bool t_aligned;
   acc_t* w_res;  // resident: the weights of this thread's slot, [W][G] shared scratch
   acc_t* t_acc;  // resident: the teacher gradient of this thread's slot, [W][G] shared scratch
 
-  // First element of this thread's slot in chunk j; chunk 0 is a resident row's only slot.
-  OFA_ROW_FN int slot_start(int j) const { return (j * G + r) * W - phase; }
-  OFA_ROW_FN bool overlaps_row(int e0) const { return e0 + W > 0 && e0 < C; }
   // Element i of this thread's slot in [W][G] scratch: a warp touches consecutive words.
-  OFA_ROW_FN int scratch_index(int i) const { return i * G + r; }
+  OFA_ROW_FN int scratch_index(int i) const { return i * this->G + this->r; }
 };
+
+// Adds the votes of row b of every branch (and of its gradient when wanted) to `votes`.
+template <typename scalar_t>
+OFA_ROW_FN void vote_branch_phases(unsigned long long& votes, const BranchParams<scalar_t>& P, int64_t b,
+                                   bool want_grad) {
+  for (int k = 0; k < P.num_branches; ++k) {
+    vote_phase(votes, branch_row(P, k, b));
+    if (want_grad) vote_phase(votes, branch_grad_row(P, k, b));
+  }
+}
 
 // The phase most of row b's input and output rows have (a vote), so most of them move in 16-byte
 // accesses; a row of another phase is accessed element by element in the same slot layout.
@@ -399,12 +428,41 @@ template <typename scalar_t>
 OFA_ROW_FN int majority_phase(const LaunchParams<scalar_t>& P, int64_t b, bool want_grad, bool want_tgrad) {
   unsigned long long votes = 0;
   vote_phase(votes, P.teacher + b * P.teacher_stride);
-  for (int k = 0; k < P.num_branches; ++k) {
-    vote_phase(votes, branch_row(P, k, b));
-    if (want_grad) vote_phase(votes, branch_grad_row(P, k, b));
-  }
+  vote_branch_phases(votes, P, b, want_grad);
   if (want_tgrad && P.grad_teacher != nullptr) vote_phase(votes, P.grad_teacher + b * P.C);
   return winning_phase<scalar_t>(votes);
+}
+
+// Fills this thread's layout of row b (both kernels) except the slot phase and what depends on it (set_phase).
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN void plan_layout(const Ops& ops, const BranchParams<scalar_t>& P, int64_t b, RowLayout<scalar_t>& row) {
+  row.b = b;
+  row.C = static_cast<int>(P.C);
+  row.inv_t = P.inv_t;
+  row.want_grad = P.grad_scale != nullptr;
+  const int64_t target = P.target[b];
+  row.y_ok = target >= 0 && target < row.C;
+  row.y = row.y_ok ? static_cast<int>(target) : -1;
+  row.G = ops.size();
+  row.r = ops.rank();
+}
+
+// Completes the layout for the slot phase `phase`: this thread's chunks, and whether the row is resident.
+template <typename scalar_t>
+OFA_ROW_FN void set_phase(RowLayout<scalar_t>& row, int phase) {
+  constexpr int W = Pack<scalar_t>::kWidth;
+  row.phase = phase;
+  const int nslots = (row.C + row.phase + W - 1) / W;
+  row.nchunks = (nslots + row.G - 1) / row.G;
+  row.resident = row.nchunks == 1;
+}
+
+// A resident row's slot of branch k (loaded once, kept in registers for both passes).
+template <typename scalar_t, typename Ops>
+OFA_ROW_FN Pack<scalar_t> resident_slot(const Ops& ops, const BranchParams<scalar_t>& P, const RowLayout<scalar_t>& row,
+                                        int k) {
+  const scalar_t* x_row = branch_row(P, k, row.b);
+  return load_slot(ops, x_row, row.slot_start(0), row.C, phase_of(x_row) == row.phase, true);
 }
 
 // This thread's plan of row b; `scratch` is the row's 2 * G * W acc_t of shared memory.
@@ -413,20 +471,9 @@ OFA_ROW_FN RowPlan<scalar_t> plan_row(const Ops& ops, const LaunchParams<scalar_
                                       acc_of<scalar_t>* scratch) {
   constexpr int W = Pack<scalar_t>::kWidth;
   RowPlan<scalar_t> row;
-  row.b = b;
-  row.C = static_cast<int>(P.C);
-  row.inv_t = P.inv_t;
-  row.want_grad = P.grad_scale != nullptr;
+  plan_layout(ops, P, b, row);
   row.want_tgrad = row.want_grad && P.teacher_grad;
-  const int64_t target = P.target[b];
-  row.y_ok = target >= 0 && target < row.C;
-  row.y = row.y_ok ? static_cast<int>(target) : -1;
-  row.phase = majority_phase(P, b, row.want_grad, row.want_tgrad);
-  row.G = ops.size();
-  row.r = ops.rank();
-  const int nslots = (row.C + row.phase + W - 1) / W;
-  row.nchunks = (nslots + row.G - 1) / row.G;
-  row.resident = row.nchunks == 1;
+  set_phase(row, majority_phase(P, b, row.want_grad, row.want_tgrad));
   row.t_row = P.teacher + b * P.teacher_stride;
   row.t_aligned = phase_of(row.t_row) == row.phase;
   row.w_res = scratch;
@@ -462,8 +509,7 @@ OFA_ROW_FN TeacherStats<acc_of<scalar_t>> teacher_pass(const Ops& ops, const Lau
     const Pack<scalar_t> z = load_slot(ops, row.t_row, e0, row.C, row.t_aligned, row.resident);
     if (row.resident) {
       res.z = z;
-      const scalar_t* x0 = branch_row(P, 0, row.b);
-      res.x_next = load_slot(ops, x0, e0, row.C, phase_of(x0) == row.phase, true);
+      res.x_next = resident_slot(ops, P, row, 0);
     }
     add_teacher_slot(tp, z, e0, row.C, row.inv_t);
   }
@@ -679,10 +725,8 @@ OFA_ROW_FN void ofa_row(const Ops& ops, const LaunchParams<scalar_t>& P, int64_t
   const TeacherStats<acc_of<scalar_t>> ts = teacher_pass(ops, P, row, sh, res);
   for (int k = 0; k < P.num_branches; ++k) {  // a loop, not unrolled: code size does not grow with K
     const Pack<scalar_t> x_resident = res.x_next;
-    if (row.resident && k + 1 < P.num_branches) {  // in flight during this branch's reductions
-      const scalar_t* x1 = branch_row(P, k + 1, b);
-      res.x_next = load_slot(ops, x1, row.slot_start(0), row.C, phase_of(x1) == row.phase, true);
-    }
+    // The next branch's slot is in flight during this branch's reductions.
+    if (row.resident && k + 1 < P.num_branches) res.x_next = resident_slot(ops, P, row, k + 1);
     const BranchFinal<acc_of<scalar_t>>& f = branch_loss(ops, P, row, ts, sh, res, k, x_resident);
     if (row.want_grad) branch_gradients(ops, P, row, ts, res, k, f, x_resident);
   }

@@ -1,13 +1,15 @@
 """The CUDA kernel's adapters and helpers for ``test_cuda_kernel.py``, whose two targets are the real
 kernel on a GPU and its row program emulated on the host.
 
-Both adapters below have the contract of ``ofakd_fast_C::fused_forward`` (method ``fused_forward``) and
+Both adapters below have the contract of ``ofakd_fast_C::fused_forward`` (method ``fused_forward``; and
+of ``fused_forward_sparse``, method ``fused_forward_sparse``) and
 the method name the shared checks of ``tests/loss/triton_checks.py`` call
 (``ofa_fused_forward_triton``), so the CUDA kernel is held to exactly the same checks as the Triton
 kernel:
 
 * :class:`CompiledCudaOp` calls the compiled op (CUDA tensors; target ``gpu``);
-* :class:`EmulatedCudaKernel` runs ``csrc/ofa_loss_cuda_row.cuh`` on the host through
+* :class:`EmulatedCudaKernel` runs ``csrc/ofa_loss_cuda_row.cuh`` (and, as ``fused_forward_sparse``,
+  ``csrc/ofa_loss_cuda_sparse_row.cuh``) on the host through
   ``tests/loss/cuda_emulator.cpp`` (CPU tensors; target ``host-emulated``), with the CUDA host code's
   launch plan (``csrc/ofa_loss_cuda_launch.h``), the same output allocation and a check of every
   memory access.
@@ -33,7 +35,8 @@ import triton_checks as checks  # noqa: E402,F401  (re-exported for the test mod
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 EMULATOR_SOURCE = Path(__file__).resolve().parent / "cuda_emulator.cpp"
-EMULATED_HEADERS = ("ofa_loss_cuda_launch.h", "ofa_loss_cuda_row.cuh", "ofa_row_math.h")  # what it includes
+EMULATED_HEADERS = ("ofa_loss_cuda_launch.h", "ofa_loss_cuda_row.cuh", "ofa_loss_cuda_sparse_row.cuh",
+                    "ofa_row_math.h")  # what it includes
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -46,7 +49,7 @@ def branch_matrices(branches):
 
 
 class CompiledCudaOp:
-    """torch.ops.ofakd_fast_C.fused_forward on CUDA tensors."""
+    """torch.ops.ofakd_fast_C.fused_forward (and fused_forward_sparse) on CUDA tensors."""
 
     def ofa_fused_forward_triton(self, branches, teacher, target, eps, temperature, grad_scale, teacher_grad,
                                  max_block=None):
@@ -55,6 +58,11 @@ class CompiledCudaOp:
     def fused_forward(self, branches, teacher, target, eps, temperature, grad_scale, teacher_grad):
         return torch.ops.ofakd_fast_C.fused_forward(list(branches), teacher, target, eps, float(temperature),
                                                     grad_scale, bool(teacher_grad))
+
+    def fused_forward_sparse(self, branches, teacher_logits, teacher_indices, teacher_lse, target, eps, temperature,
+                             grad_scale):
+        return torch.ops.ofakd_fast_C.fused_forward_sparse(list(branches), teacher_logits, teacher_indices,
+                                                           teacher_lse, target, eps, float(temperature), grad_scale)
 
 
 # ----------------------------------------------------------------------------------- host emulation
@@ -96,6 +104,13 @@ def emulator_library():
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
             ctypes.POINTER(ctypes.c_int64)]
+        lib.ofa_emulator_run_sparse.restype = ctypes.c_int64
+        lib.ofa_emulator_run_sparse.argtypes = [
+            ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_double, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int64)]
         lib.ofa_emulator_plan.restype = None
         lib.ofa_emulator_plan.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                                           ctypes.POINTER(ctypes.c_int64)]
@@ -115,11 +130,30 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
 
 
-class EmulatedCudaKernel:
-    """The CUDA kernel's row program on the host, with fused_forward's contract (CPU tensors).
+def _regions(inputs, outputs):
+    """The emulator's (address, bytes, writable) triples: the whole storage of every non-empty tensor."""
+    regions = []
+    for tensors, writable in ((inputs, 0), (outputs, 1)):
+        for t in tensors:
+            if t is not None and t.numel():
+                storage = t.untyped_storage()
+                regions += [storage.data_ptr(), storage.nbytes(), writable]
+    return (ctypes.c_int64 * len(regions))(*regions), len(regions) // 3
 
-    Mirrors fused_forward_cuda in csrc/ofa_loss_cuda_op.cpp: the same checks, outputs, workspace rule and
-    launch planning. Outputs start as NaN so an element the kernel forgets to write is caught.
+
+def _branch_pointers(mats):
+    """Row 0 and the row stride of every branch matrix, as the emulator takes them."""
+    return ((ctypes.c_void_p * len(mats))(*[m.data_ptr() for m in mats]),
+            (ctypes.c_int64 * len(mats))(*[m.stride(0) for m in mats]))
+
+
+class EmulatedCudaKernel:
+    """The CUDA kernels' row programs on the host, with the contracts of fused_forward and
+    fused_forward_sparse (CPU tensors).
+
+    Mirrors fused_forward_cuda / fused_forward_sparse_cuda in csrc/ofa_loss_cuda_op.cpp: the same checks,
+    outputs, workspace rule and launch planning. Outputs start as NaN so an element the kernel forgets to
+    write is caught.
     """
 
     def __init__(self, threads: int = 0):
@@ -154,24 +188,54 @@ class EmulatedCudaKernel:
         target = target.contiguous()
         eps = eps.contiguous()
 
-        inputs = [*mats, teacher, target, eps] + ([scale] if want_grad else [])
-        outputs = [loss, grad_b, grad_t] + ([workspace] if workspace is not None else [])
-        regions = []
-        for tensors, writable in ((inputs, 0), (outputs, 1)):
-            for t in tensors:
-                if t.numel():
-                    storage = t.untyped_storage()
-                    regions += [storage.data_ptr(), storage.nbytes(), writable]
-        region_array = (ctypes.c_int64 * len(regions))(*regions)
+        region_array, num_regions = _regions([*mats, teacher, target, eps, scale], [loss, grad_b, grad_t, workspace])
         stats = (ctypes.c_int64 * 3)()
-        pointers = (ctypes.c_void_p * K)(*[m.data_ptr() for m in mats])
-        strides = (ctypes.c_int64 * K)(*[m.stride(0) for m in mats])
-        lib = emulator_library()
-        result = lib.ofa_emulator_run(
+        pointers, strides = _branch_pointers(mats)
+        result = emulator_library().ofa_emulator_run(
             DTYPE_CODES[dtype], K, pointers, strides, _ptr(teacher), teacher.stride(0), _ptr(target), _ptr(eps),
             float(temperature), _ptr(scale), scale.stride(0) if want_grad else 0, scale.stride(1) if want_grad else 0,
             B, C, _ptr(loss), _ptr(grad_b), _ptr(grad_t), _ptr(workspace), self.threads, region_array,
-            len(regions) // 3, stats)
+            num_regions, stats)
+        self._check(result, stats)
+        return loss, grad_b, grad_t
+
+    def fused_forward_sparse(self, branches, teacher_logits, teacher_indices, teacher_lse, target, eps, temperature,
+                             grad_scale):
+        """fused_forward_sparse's contract (fused_forward_sparse_cuda in csrc/ofa_loss_cuda_op.cpp):
+        loss rows [K, B] and branch gradients [K, B, C] (empty without grad_scale)."""
+        mats = branch_matrices(branches)
+        K = len(mats)
+        B, C = mats[0].shape
+        dtype, acc = mats[0].dtype, acc_dtype(mats[0].dtype)
+        assert K > 0 and all(m.dtype == dtype and tuple(m.shape) == (B, C) for m in mats)
+        assert all(m.stride(1) == 1 or C <= 1 for m in mats)
+        k = teacher_logits.shape[1]
+        assert teacher_logits.dtype == acc and teacher_lse.dtype == acc and teacher_indices.dtype == torch.int64
+        assert tuple(teacher_logits.shape) == tuple(teacher_indices.shape) == (B, k) and k <= C
+        assert tuple(teacher_lse.shape) == (B,)
+        assert teacher_logits.is_contiguous() and teacher_indices.is_contiguous() and teacher_lse.is_contiguous()
+        assert eps.dtype == torch.float64 and eps.numel() == K and target.dtype == torch.int64
+        want_grad = grad_scale is not None
+        loss = torch.full((K, B), float("nan"), dtype=acc)
+        grad_b = torch.full((K, B, C), float("nan"), dtype=dtype) if want_grad else torch.empty(0, dtype=dtype)
+        if B == 0 or C == 0:
+            return loss, grad_b
+        scale = grad_scale.to(acc).expand(K, B) if want_grad else None
+        target = target.contiguous()
+        eps = eps.contiguous()
+        region_array, num_regions = _regions(
+            [*mats, teacher_logits, teacher_indices, teacher_lse, target, eps, scale], [loss, grad_b])
+        stats = (ctypes.c_int64 * 3)()
+        pointers, strides = _branch_pointers(mats)
+        result = emulator_library().ofa_emulator_run_sparse(
+            DTYPE_CODES[dtype], K, pointers, strides, _ptr(teacher_logits), _ptr(teacher_indices), _ptr(teacher_lse),
+            k, _ptr(target), _ptr(eps), float(temperature), _ptr(scale), scale.stride(0) if want_grad else 0,
+            scale.stride(1) if want_grad else 0, B, C, _ptr(loss), _ptr(grad_b), self.threads, region_array,
+            num_regions, stats)
+        self._check(result, stats)
+        return loss, grad_b
+
+    def _check(self, result, stats):
+        """Keeps the access counts of the call; fails on any bad memory access."""
         self.last_stats = tuple(stats)
         assert result == 0, f"the emulated kernel made {result} out-of-bounds or misaligned memory accesses"
-        return loss, grad_b, grad_t

@@ -1,5 +1,6 @@
-// Runs the CUDA kernel's row program (csrc/ofa_loss_cuda_row.cuh) on the host, so its indexing,
-// masking, reductions and math are tested on machines without a GPU.
+// Runs the CUDA kernels' row programs (csrc/ofa_loss_cuda_row.cuh, dense teacher, and
+// csrc/ofa_loss_cuda_sparse_row.cuh, sparse teacher) on the host, so their indexing, masking,
+// reductions and math are tested on machines without a GPU.
 //
 // A row group of G GPU threads is emulated by G std::threads that share a barrier (for __syncthreads),
 // reduction scratch arrays (for the warp-shuffle + shared-memory reductions; sums are added here in
@@ -10,7 +11,8 @@
 //
 // Built by tests/loss/cuda_checks.py with g++ as a plain shared library (c10's Half/BFloat16 headers
 // only, no libtorch) and called through ctypes; the branch launches are planned by the same
-// launch_branch_groups / plan_launch (csrc/ofa_loss_cuda_launch.h) the CUDA host code uses.
+// launch_branch_groups / launch_sparse_branch_groups / plan_launch / plan_sparse_launch
+// (csrc/ofa_loss_cuda_launch.h) the CUDA host code uses.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -141,24 +143,81 @@ struct HostOps {
   }
 };
 
-// One launch: every row by one emulated group of `threads` threads, rows in sequence.
-template <typename scalar_t>
-void emulate_launch(const LaunchParams<scalar_t>& P, int threads, MemoryChecker& memory) {
-  using acc_t = acc_of<scalar_t>;
+// One launch: every row b by one emulated group of `threads` threads, rows in sequence; row(ops, b)
+// runs the row program.
+template <typename acc_t, typename Row>
+void emulate_rows(int64_t B, int threads, MemoryChecker& memory, const Row& row) {
   GroupState<acc_t> state(threads);
-  RowShared<acc_t> shared_row;
-  std::vector<acc_t> row_scratch(row_scratch_bytes(threads, sizeof(scalar_t)) / sizeof(acc_t));
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       HostOps<acc_t> ops{&state, &memory, t, threads};
-      for (int64_t b = 0; b < P.B; ++b) {
-        ofa_row<scalar_t>(ops, P, b, shared_row, row_scratch.data());
+      for (int64_t b = 0; b < B; ++b) {
+        row(ops, b);
         ops.sync();  // one row at a time, like separate blocks
       }
     });
   }
   for (auto& thread : pool) thread.join();
+}
+
+// One launch of the dense kernel (ofa_rows_kernel): its shared memory and dynamic scratch per group.
+template <typename scalar_t>
+void emulate_launch(const LaunchParams<scalar_t>& P, int threads, MemoryChecker& memory) {
+  using acc_t = acc_of<scalar_t>;
+  RowShared<acc_t> shared_row;
+  std::vector<acc_t> row_scratch(row_scratch_bytes(threads, sizeof(scalar_t)) / sizeof(acc_t));
+  emulate_rows<acc_t>(P.B, threads, memory, [&](const HostOps<acc_t>& ops, int64_t b) {
+    ofa_row<scalar_t>(ops, P, b, shared_row, row_scratch.data());
+  });
+}
+
+// One launch of the sparse-teacher kernel (ofa_sparse_rows_kernel).
+template <typename scalar_t>
+void emulate_sparse_launch(const SparseLaunchParams<scalar_t>& P, int threads, MemoryChecker& memory) {
+  using acc_t = acc_of<scalar_t>;
+  SparseRowShared<acc_t> shared_row;
+  emulate_rows<acc_t>(P.B, threads, memory,
+                      [&](const HostOps<acc_t>& ops, int64_t b) { ofa_sparse_row<scalar_t>(ops, P, b, shared_row); });
+}
+
+// The buffers a call may touch: num_regions triples (address, bytes, writable).
+void declare_regions(MemoryChecker& memory, const int64_t* regions, int num_regions) {
+  for (int i = 0; i < num_regions; ++i) {
+    const auto begin = static_cast<uintptr_t>(regions[3 * i]);
+    memory.regions.push_back({begin, begin + static_cast<uintptr_t>(regions[3 * i + 1]), regions[3 * i + 2] != 0});
+  }
+}
+
+// The student side of a call, as ofa_loss_cuda_op.cpp fills it.
+template <typename scalar_t>
+void fill_branch_problem(int K, const void* const* branches, const int64_t* branch_strides, const int64_t* target,
+                         const double* eps, double temperature, const void* grad_scale, int64_t scale_stride_k,
+                         int64_t scale_stride_b, int64_t B, int64_t C, void* loss_rows, void* grad_branches,
+                         BranchProblem<scalar_t>& pb) {
+  using acc_t = acc_of<scalar_t>;
+  for (int k = 0; k < K; ++k) {
+    pb.branch.push_back(static_cast<const scalar_t*>(branches[k]));
+    pb.branch_stride.push_back(branch_strides[k]);
+    pb.eps.push_back(eps[k]);
+  }
+  pb.target = target;
+  pb.B = B;
+  pb.C = C;
+  pb.temperature = temperature;
+  pb.loss_rows = static_cast<acc_t*>(loss_rows);
+  pb.grad_scale = static_cast<const acc_t*>(grad_scale);
+  pb.scale_stride_k = scale_stride_k;
+  pb.scale_stride_b = scale_stride_b;
+  pb.grad_branches = static_cast<scalar_t*>(grad_branches);
+}
+
+// stats[0 .. 2] of a call: bad accesses, 16-byte accesses, element accesses; returns the bad ones.
+int64_t report(const MemoryChecker& memory, int64_t* stats) {
+  stats[0] = memory.errors.load();
+  stats[1] = memory.vector_accesses.load();
+  stats[2] = memory.element_accesses.load();
+  return stats[0];
 }
 
 template <typename scalar_t>
@@ -169,35 +228,39 @@ int64_t run(int K, const void* const* branches, const int64_t* branch_strides, c
             int64_t* stats) {
   using acc_t = acc_of<scalar_t>;
   MemoryChecker memory;
-  for (int i = 0; i < num_regions; ++i) {
-    const auto begin = static_cast<uintptr_t>(regions[3 * i]);
-    memory.regions.push_back({begin, begin + static_cast<uintptr_t>(regions[3 * i + 1]), regions[3 * i + 2] != 0});
-  }
+  declare_regions(memory, regions, num_regions);
   Problem<scalar_t> pb;
-  for (int k = 0; k < K; ++k) {
-    pb.branch.push_back(static_cast<const scalar_t*>(branches[k]));
-    pb.branch_stride.push_back(branch_strides[k]);
-    pb.eps.push_back(eps[k]);
-  }
+  fill_branch_problem(K, branches, branch_strides, target, eps, temperature, grad_scale, scale_stride_k, scale_stride_b,
+                      B, C, loss_rows, grad_branches, pb);
   pb.teacher = static_cast<const scalar_t*>(teacher);
   pb.teacher_stride = teacher_stride;
-  pb.target = target;
-  pb.B = B;
-  pb.C = C;
-  pb.temperature = temperature;
-  pb.loss_rows = static_cast<acc_t*>(loss_rows);
-  pb.grad_scale = static_cast<const acc_t*>(grad_scale);
-  pb.scale_stride_k = scale_stride_k;
-  pb.scale_stride_b = scale_stride_b;
-  pb.grad_branches = static_cast<scalar_t*>(grad_branches);
   pb.grad_teacher = static_cast<scalar_t*>(grad_teacher);
   pb.teacher_workspace = static_cast<acc_t*>(teacher_workspace);
   const LaunchShape shape = plan_launch(B, C, static_cast<int>(sizeof(scalar_t)), threads);
   launch_branch_groups(pb, [&](const LaunchParams<scalar_t>& params) { emulate_launch(params, shape.threads, memory); });
-  stats[0] = memory.errors.load();
-  stats[1] = memory.vector_accesses.load();
-  stats[2] = memory.element_accesses.load();
-  return stats[0];
+  return report(memory, stats);
+}
+
+template <typename scalar_t>
+int64_t run_sparse(int K, const void* const* branches, const int64_t* branch_strides, const void* teacher_logits,
+                   const int64_t* teacher_indices, const void* teacher_lse, int64_t k, const int64_t* target,
+                   const double* eps, double temperature, const void* grad_scale, int64_t scale_stride_k,
+                   int64_t scale_stride_b, int64_t B, int64_t C, void* loss_rows, void* grad_branches, int threads,
+                   const int64_t* regions, int num_regions, int64_t* stats) {
+  using acc_t = acc_of<scalar_t>;
+  MemoryChecker memory;
+  declare_regions(memory, regions, num_regions);
+  SparseProblem<scalar_t> pb;
+  fill_branch_problem(K, branches, branch_strides, target, eps, temperature, grad_scale, scale_stride_k, scale_stride_b,
+                      B, C, loss_rows, grad_branches, pb);
+  pb.teacher_logits = static_cast<const acc_t*>(teacher_logits);
+  pb.teacher_indices = teacher_indices;
+  pb.teacher_lse = static_cast<const acc_t*>(teacher_lse);
+  pb.k = k;
+  const LaunchShape shape = plan_sparse_launch(B, C, static_cast<int>(sizeof(scalar_t)), threads);
+  launch_sparse_branch_groups(
+      pb, [&](const SparseLaunchParams<scalar_t>& params) { emulate_sparse_launch(params, shape.threads, memory); });
+  return report(memory, stats);
 }
 
 }  // namespace
@@ -227,6 +290,33 @@ int64_t ofa_emulator_run(int dtype, int K, const void* const* branches, const in
   run<T>(K, branches, branch_strides, teacher, teacher_stride, target, eps, temperature, grad_scale, scale_stride_k, \
          scale_stride_b, B, C, loss_rows, grad_branches, grad_teacher, teacher_workspace, threads, regions,        \
          num_regions, stats)
+  switch (dtype) {
+    case 0:
+      return OFA_EMULATE(float);
+    case 1:
+      return OFA_EMULATE(double);
+    case 2:
+      return OFA_EMULATE(c10::BFloat16);
+    case 3:
+      return OFA_EMULATE(c10::Half);
+    default:
+      return -1;
+  }
+#undef OFA_EMULATE
+}
+
+// The sparse-teacher kernel (fused_forward_sparse): as ofa_emulator_run, with the teacher as logits
+// [B, k] and lse [B] (acc dtype) and indices [B, k] (int64); no teacher gradient.
+int64_t ofa_emulator_run_sparse(int dtype, int K, const void* const* branches, const int64_t* branch_strides,
+                                const void* teacher_logits, const int64_t* teacher_indices, const void* teacher_lse,
+                                int64_t k, const int64_t* target, const double* eps, double temperature,
+                                const void* grad_scale, int64_t scale_stride_k, int64_t scale_stride_b, int64_t B,
+                                int64_t C, void* loss_rows, void* grad_branches, int threads, const int64_t* regions,
+                                int num_regions, int64_t* stats) {
+#define OFA_EMULATE(T)                                                                                          \
+  run_sparse<T>(K, branches, branch_strides, teacher_logits, teacher_indices, teacher_lse, k, target, eps,       \
+                temperature, grad_scale, scale_stride_k, scale_stride_b, B, C, loss_rows, grad_branches, threads, \
+                regions, num_regions, stats)
   switch (dtype) {
     case 0:
       return OFA_EMULATE(float);

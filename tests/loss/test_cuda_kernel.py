@@ -11,7 +11,10 @@
   registers) and C = 5003 (512 threads, the row streamed in 3 chunks; odd C, so consecutive rows are
   aligned differently). Also the public API, no host synchronisation and agreement with Triton.
 
-The shared checks are those of tests/loss/triton_checks.py, the same the Triton kernel passes.
+The shared checks are those of tests/loss/triton_checks.py, the same the Triton kernel passes. The
+sparse-teacher op (fused_forward_sparse) is held to tests/loss/test_sparse_teacher.py's contract there;
+here it gets the CUDA-specific regimes: planned group sizes, layouts, two launches, NaN rows for bad
+targets and stored classes, 16-byte accesses, no host synchronisation.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -21,9 +24,11 @@ import torch
 
 import cuda_checks
 from ofakd_fast import OFALoss, available_backends, ofa_loss_multi
+from ofakd_fast.loss import SparseTeacher, sparse_teacher
 from ofakd_fast.loss.backends import backend_error, resolve_backend
 from ofakd_fast.loss.extension import cuda_extension_error
 from ofakd_fast.loss.reference import ofa_loss_multi_reference
+from test_sparse_teacher import reference as sparse_reference
 
 checks = cuda_checks.checks
 STREAMED = 3  # threads per emulated row group: C >= 12 (fp32) is streamed in several chunks
@@ -242,6 +247,98 @@ def test_rows_move_in_16_byte_accesses(emulated, dtype, C):
     assert vector >= (K + 1 + K) * B * (C // width - 1)
 
 
+# ----------------------------------------------------------------------------- the sparse teacher
+# (fused_forward_sparse; the contract's parity checks are tests/loss/test_sparse_teacher.py's, these
+# add the CUDA launch regimes, layouts, launches and bad rows)
+
+def _sparse_case(B, C, k, K, dtype, device, *, layout="separate", seed=0, T=1.0):
+    """(branch entries, branch matrices, SparseTeacher of the top k of random teacher logits, target)."""
+    entries, mats, teacher, target = checks.make_inputs(B, C, K, dtype, device, seed=seed, layout=layout)
+    top = sparse_teacher(teacher.cpu().double(), k, T)
+    acc = cuda_checks.acc_dtype(dtype)
+    sparse = SparseTeacher(top.indices.to(device), top.logits.to(acc).to(device), top.lse.to(acc).to(device))
+    return entries, mats, sparse, target
+
+
+def _run_sparse(kernel, entries, teacher, target, eps, T, grad_scale):
+    return kernel.fused_forward_sparse(entries, teacher.logits, teacher.indices, teacher.lse, target,
+                                       torch.tensor(eps, dtype=torch.float64), float(T), grad_scale)
+
+
+def check_sparse_parity(kernel, device, *, B, C, k, K, dtype=torch.float32, layout="separate", T=1.0, seed=0):
+    """Loss rows and student gradients (non-uniform row factors) against the float64 oracle."""
+    entries, mats, teacher, target = _sparse_case(B, C, k, K, dtype, device, layout=layout, seed=seed, T=T)
+    eps = checks.branch_eps(K, seed)
+    acc = cuda_checks.acc_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_scale = (torch.rand(K, B, generator=gen, dtype=torch.float64) * 2 - 0.5).to(acc).to(device)
+    loss, grads = _run_sparse(kernel, entries, teacher, target, eps, T, grad_scale)
+    assert loss.dtype == acc and grads.dtype == dtype and grads.shape == (K, B, C) and grads.is_contiguous()
+    ref = sparse_reference(mats, teacher, target, eps, T, grad_scale)
+    same = sparse_reference(mats, teacher, target, eps, T, grad_scale, dtype=dtype) if dtype != torch.float64 else ref
+    checks.assert_flash_close("sparse loss rows", loss.cpu(), ref[0], same[0], acc)
+    checks.assert_flash_close("sparse student grads", grads.cpu(), ref[1], same[1], dtype)
+
+
+@pytest.mark.parametrize("layout", ["separate", "stacked", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_layouts(on, layout, dtype):
+    """Stacked entries, odd row strides and offsets (rows aligned unlike the majority), every row regime."""
+    for kernel in on.kernels.values():
+        for C in on.target.layout_row_lengths:
+            check_sparse_parity(kernel, on.device, B=3, C=C, k=min(C, 17), K=3, dtype=dtype, layout=layout, T=2.0)
+
+
+def test_sparse_more_branches_than_one_launch(on):
+    """K = 34 > 32 branches per launch: two launches, each writing its own loss rows and gradients."""
+    for kernel in on.kernels.values():
+        for B, C in on.target.many_branch_shapes:
+            check_sparse_parity(kernel, on.device, B=B, C=C, k=5, K=34, layout="stacked")
+
+
+def test_sparse_bad_target_or_class_gives_nan_rows(on):
+    """Not checked on the host (no sync on a GPU): a target or a stored class outside [0, C) makes its row's
+    loss and gradients NaN, and the class is never read or written (the emulator checks every access)."""
+    B, C, K = 5, 9, 2
+    entries, _, teacher, target = _sparse_case(B, C, 3, K, torch.float32, on.device, seed=8)
+    target, indices = target.clone(), teacher.indices.clone()
+    target[1], target[2] = C, -1
+    indices[3, 0], indices[4, 2] = C + 100, -7
+    teacher = teacher._replace(indices=indices)
+    for kernel in on.kernels.values():
+        loss, grads = _run_sparse(kernel, entries, teacher, target, [1.0, 1.7], 1.0, torch.ones(K, B, device=on.device))
+        assert torch.isnan(loss[:, 1:]).all() and torch.isfinite(loss[:, 0]).all()
+        assert torch.isnan(grads[:, 1:]).all() and torch.isfinite(grads[:, 0]).all()
+
+
+@pytest.mark.parametrize("dtype, C, k", [(torch.float32, 1000, 10), (torch.float32, 2203, 64),
+                                         (torch.bfloat16, 4403, 300), (torch.float64, 301, 301)])
+def test_sparse_parity_planned_groups(emulated, dtype, C, k):
+    """The planned launch: 256 threads with the row held in registers (C = 1000 fp32), 512 threads
+    streaming 2 chunks (C = 2203 fp32, odd) and more (bf16), fp64 with k = C (the dense loss)."""
+    check_sparse_parity(cuda_checks.EmulatedCudaKernel(), emulated, B=3, C=C, k=k, K=3, dtype=dtype, seed=C)
+
+
+@pytest.mark.parametrize("dtype, C", [(torch.float32, 1000), (torch.float32, 2203), (torch.bfloat16, 4403)])
+def test_sparse_rows_move_in_16_byte_accesses(emulated, dtype, C):
+    """Contiguous inputs, B * C a multiple of 8: the branch rows are read and the gradient rows written in
+    16-byte accesses but the partial slots at each row's ends and the k stored classes and y."""
+    B, K, k = 8, 3, 20
+    kernel = cuda_checks.EmulatedCudaKernel()
+    entries, _, teacher, target = _sparse_case(B, C, k, K, dtype, emulated, seed=3)
+    _run_sparse(kernel, entries, teacher, target, [1.0, 1.5, 1.5], 1.0, torch.ones(K, B))
+    bad, vector, element = kernel.last_stats
+    width = 16 // entries[0].element_size()
+    assert bad == 0
+    # per row: the K branch rows read twice (streamed) and K gradient rows written, each with at most
+    # 2 (W - 1) element accesses at its ends; per stored class its index, logit and lse in the teacher
+    # pass and twice per branch, and per branch 2 reads and a store of the class (and of y)
+    ends = (2 * K + K) * B * 2 * (width - 1)
+    stored = B * k * 3 * (2 * K + 1) + B * K * (k + 1) * 3
+    assert element <= ends + stored
+    assert vector >= (K + K) * B * (C // width - 1)
+
+
 # ----------------------------------------------------------------------------- gpu only: the op
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -304,6 +401,18 @@ def test_op_does_not_synchronise(gpu):
     def step():
         for grad_scale, teacher_grad in ((None, False), (scale, False), (scale, True)):
             op.fused_forward(entries, teacher, target, eps, 1.0, grad_scale, teacher_grad)
+
+    _without_host_sync(step)
+
+
+def test_sparse_op_does_not_synchronise(gpu):
+    op = cuda_checks.CompiledCudaOp()
+    entries, _, teacher, target = _sparse_case(4, 1000, 20, 3, torch.float32, gpu, seed=1)
+    scale = torch.ones(3, 4, device=gpu)
+
+    def step():
+        for grad_scale in (None, scale):
+            _run_sparse(op, entries, teacher, target, [1.0, 1.2, 2.0], 1.0, grad_scale)
 
     _without_host_sync(step)
 

@@ -5,7 +5,8 @@ Triton: every variant the dispatcher launches for the problems of ``benchmarks/r
 count, single block and column loop, scalar and widest VEC; the reference shapes with every pass) is
 compiled for ``GPUTarget("cuda", 90, 32)``; the cubin must have no local memory and no stack.
 CUDA: ``csrc/ofa_loss_cuda.cu`` through nvcc for sm_90 with ``-Xptxas -v`` and the build flags;
-every dtype's kernel must report 0 bytes of spill stores and loads. The full table:
+every dtype's kernel, dense (``ofa_rows_kernel``) and sparse teacher (``ofa_sparse_rows_kernel``),
+must report 0 bytes of spill stores and loads. The full table:
 ``.venv/bin/python benchmarks/resources.py``.
 """
 import json
@@ -85,12 +86,13 @@ def test_triton_reference_shapes_fit(triton_variants):
         assert resources.occupancy(c.regs, c.threads, c.shared)["blocks"] >= 1, c.name()
 
 
+@pytest.mark.parametrize("kernel", resources.CUDA_KERNELS)
 @pytest.mark.parametrize("dtype", resources.DTYPES)
-def test_cuda_kernel_does_not_spill(cuda_kernels, dtype):
-    r = cuda_kernels.get(dtype)
-    assert r is not None, f"no {dtype} ofa_rows_kernel in the ptxas output: {sorted(cuda_kernels)}"
+def test_cuda_kernel_does_not_spill(cuda_kernels, kernel, dtype):
+    r = cuda_kernels[kernel].get(dtype)
+    assert r is not None, f"no {dtype} {kernel} in the ptxas output: {sorted(cuda_kernels[kernel])}"
     assert r.get("spill_stores") == 0 and r.get("spill_loads") == 0, (
-        f"CUDA ofa_rows_kernel<{dtype}> on sm_90: {r.get('regs')} registers, {r.get('spill_stores')} B spill "
+        f"CUDA {kernel}<{dtype}> on sm_90: {r.get('regs')} registers, {r.get('spill_stores')} B spill "
         f"stores, {r.get('spill_loads')} B spill loads, {r.get('stack')} B stack")
 
 
