@@ -133,7 +133,7 @@ fi
 
 # --- 3. GPU tests ------------------------------------------------------------------------------
 TEST_MODULES=(tests/loss/test_cuda_kernel.py tests/loss/test_triton_kernel.py tests/loss/test_cuda_extension.py
-              tests/loss/test_api.py tests/loss/test_kernel_resources.py)
+              tests/loss/test_api.py tests/loss/test_kernel_resources.py tests/loss/test_sparse_teacher.py)
 if [ "$FAKE" = "1" ]; then
   run_part tests 150 "$PY" -m pytest "${TEST_MODULES[@]}" -q -p no:cacheprovider --co -k "gpu or cuda or kernel_resources"
 else

@@ -146,8 +146,9 @@ class Trainer:
             raise DataError(f"--teacher-cache {cache.root}: its top-k rows hold logsumexp at temperature {cached_t}, "
                             f"this run's loss reads the teacher at {loss_t}: make the cache with "
                             f"--cache-temperature {loss_t} (or a full cache, --cache-topk 0)")
-        self.log(f"teacher outputs from the cache {cache.root} (top-{cache.manifest['topk'] or 'all'}, "
-                 f"{cache.manifest['dtype']}): the teacher does not run")
+        stored = f"top-{cache.manifest['topk']}" if cache.manifest["topk"] else "all logits"
+        self.log(f"teacher outputs from the cache {cache.root} ({stored}, {cache.manifest['dtype']}): "
+                 "the teacher does not run")
         return cache
 
     def _build_optimization(self) -> None:

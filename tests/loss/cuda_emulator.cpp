@@ -265,6 +265,24 @@ int64_t run_sparse(int K, const void* const* branches, const int64_t* branch_str
 
 }  // namespace
 
+// Calls f with a value of the scalar type the ctypes dtype code names (0 float, 1 double, 2 bfloat16,
+// 3 half); -1 for another code.
+template <typename F>
+int64_t with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0:
+      return f(float{});
+    case 1:
+      return f(double{});
+    case 2:
+      return f(c10::BFloat16{});
+    case 3:
+      return f(c10::Half{});
+    default:
+      return -1;
+  }
+}
+
 extern "C" {
 
 // The launch plan of the CUDA kernel: {threads per row, blocks, chunks, needs a teacher workspace};
@@ -286,23 +304,11 @@ int64_t ofa_emulator_run(int dtype, int K, const void* const* branches, const in
                          int64_t B, int64_t C, void* loss_rows, void* grad_branches, void* grad_teacher,
                          void* teacher_workspace, int threads, const int64_t* regions, int num_regions,
                          int64_t* stats) {
-#define OFA_EMULATE(T)                                                                                           \
-  run<T>(K, branches, branch_strides, teacher, teacher_stride, target, eps, temperature, grad_scale, scale_stride_k, \
-         scale_stride_b, B, C, loss_rows, grad_branches, grad_teacher, teacher_workspace, threads, regions,        \
-         num_regions, stats)
-  switch (dtype) {
-    case 0:
-      return OFA_EMULATE(float);
-    case 1:
-      return OFA_EMULATE(double);
-    case 2:
-      return OFA_EMULATE(c10::BFloat16);
-    case 3:
-      return OFA_EMULATE(c10::Half);
-    default:
-      return -1;
-  }
-#undef OFA_EMULATE
+  return with_dtype(dtype, [&](auto tag) {
+    return run<decltype(tag)>(K, branches, branch_strides, teacher, teacher_stride, target, eps, temperature,
+                              grad_scale, scale_stride_k, scale_stride_b, B, C, loss_rows, grad_branches, grad_teacher,
+                              teacher_workspace, threads, regions, num_regions, stats);
+  });
 }
 
 // The sparse-teacher kernel (fused_forward_sparse): as ofa_emulator_run, with the teacher as logits
@@ -313,23 +319,11 @@ int64_t ofa_emulator_run_sparse(int dtype, int K, const void* const* branches, c
                                 const void* grad_scale, int64_t scale_stride_k, int64_t scale_stride_b, int64_t B,
                                 int64_t C, void* loss_rows, void* grad_branches, int threads, const int64_t* regions,
                                 int num_regions, int64_t* stats) {
-#define OFA_EMULATE(T)                                                                                          \
-  run_sparse<T>(K, branches, branch_strides, teacher_logits, teacher_indices, teacher_lse, k, target, eps,       \
-                temperature, grad_scale, scale_stride_k, scale_stride_b, B, C, loss_rows, grad_branches, threads, \
-                regions, num_regions, stats)
-  switch (dtype) {
-    case 0:
-      return OFA_EMULATE(float);
-    case 1:
-      return OFA_EMULATE(double);
-    case 2:
-      return OFA_EMULATE(c10::BFloat16);
-    case 3:
-      return OFA_EMULATE(c10::Half);
-    default:
-      return -1;
-  }
-#undef OFA_EMULATE
+  return with_dtype(dtype, [&](auto tag) {
+    return run_sparse<decltype(tag)>(K, branches, branch_strides, teacher_logits, teacher_indices, teacher_lse, k,
+                                     target, eps, temperature, grad_scale, scale_stride_k, scale_stride_b, B, C,
+                                     loss_rows, grad_branches, threads, regions, num_regions, stats);
+  });
 }
 
 }  // extern "C"
