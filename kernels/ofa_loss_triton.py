@@ -5,8 +5,15 @@ Contract: the same as the C++ CPU op ``torch.ops.ofakd_fast_C.fused_forward`` (s
 losses ``[K, B]`` and, when ``grad_scale`` is given, the student gradients ``[K, B, C]`` already
 multiplied by ``grad_scale[k, b]`` and optionally the teacher gradient ``[B, C]``.
 
-Layout (as in Liger-Kernel's ops): constants, the ``@triton.jit`` helpers and the one kernel, then
-the plain-Python launcher and :func:`triton_unavailable_reason`.
+:func:`ofa_fused_forward_sparse_triton` is the contract of ``fused_forward_sparse``: a sparse (top-k)
+teacher, shared/docs/ofa-loss.md "A sparse teacher". Its kernel ``_ofa_sparse_kernel`` reuses the
+helpers below and the same one-program-per-row tile: a pass over the student rows (max, sum-exp and the
+gap G = sum_c (max_x - x_c), merged over blocks about the larger max), a pass over the stored classes
+(gathered student logits), and for gradients a dense store of (S q_c - w_rest) * scale / T (w_y at y),
+``tl.debug_barrier()``, then the stored classes' values scattered over it. No dense teacher row exists.
+
+Layout (as in Liger-Kernel's ops): constants, the ``@triton.jit`` helpers and the kernels, then
+the plain-Python launchers and :func:`triton_unavailable_reason`.
 
 Design
 ------
@@ -181,17 +188,34 @@ def _load_target(target_ptr, row, C):
 
 
 @triton.jit
+def _load_student_block(start, branch_row_ptrs, C, branch_ok, inv_t,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Columns start .. start + BLOCK: cols, col_ok (< C) and students x = s / T [BRANCH_ROWS, BLOCK] (0 where masked)."""
+    cols = start + tl.arange(0, BLOCK)
+    col_ok = _column_mask(cols, C, VEC)
+    x = tl.load(branch_row_ptrs[:, None] + cols[None, :], mask=branch_ok[:, None] & col_ok[None, :],
+                other=0.0).to(ACC) * inv_t
+    return cols, col_ok, x
+
+
+@triton.jit
 def _load_block(start, teacher_row_ptr, branch_row_ptrs, y, C, branch_ok, inv_t,
                 ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """Columns start .. start + BLOCK: cols, col_ok (< C), off_target (< C and != y), teacher z = t / T
     [BLOCK] and students x = s / T [BRANCH_ROWS, BLOCK] (0 where masked)."""
-    cols = start + tl.arange(0, BLOCK)
-    col_ok = _column_mask(cols, C, VEC)
-    off_target = col_ok & (cols != y)
+    cols, col_ok, x = _load_student_block(start, branch_row_ptrs, C, branch_ok, inv_t, ACC, BLOCK, VEC)
     z = tl.load(teacher_row_ptr + cols, mask=col_ok, other=0.0).to(ACC) * inv_t
-    x = tl.load(branch_row_ptrs[:, None] + cols[None, :], mask=branch_ok[:, None] & col_ok[None, :],
-                other=0.0).to(ACC) * inv_t
-    return cols, col_ok, off_target, z, x
+    return cols, col_ok, col_ok & (cols != y), z, x
+
+
+@triton.jit
+def _online_max_sumexp(v, m, d, AXIS: tl.constexpr):
+    """Folds v (-inf where masked; [BLOCK] with AXIS 0, [BRANCH_ROWS, BLOCK] with AXIS 1) into a running max m
+    and sum d = sum exp(v - m) along AXIS; returns the new m, d and exp(v - m) (0 while all is -inf)."""
+    m_new = tl.maximum(m, tl.max(v, axis=AXIS))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp(v - tl.expand_dims(shift, AXIS))
+    return m_new, d * tl.exp(m - shift) + tl.sum(e, axis=AXIS), e
 
 
 @triton.jit
@@ -213,14 +237,8 @@ def _online_update(z, x, col_ok, off_target, eps, all_eps_one, m_t, d_t, m_s, d_
     Returns the new statistics and this block's exponentials e_t, e_s, u (relative to the new maxima).
     """
     z_m = tl.where(col_ok, z, float("-inf"))
-    m_t_new = tl.maximum(m_t, tl.max(z_m, axis=0))
-    e_t = tl.exp(z_m - m_t_new)
-    d_t_new = d_t * tl.exp(m_t - m_t_new) + tl.sum(e_t, axis=0)
-
-    x_m = tl.where(col_ok[None, :], x, float("-inf"))
-    m_s_new = tl.maximum(m_s, tl.max(x_m, axis=1))
-    e_s = tl.exp(x_m - m_s_new[:, None])
-    d_s_new = d_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=1)
+    m_t_new, d_t_new, e_t = _online_max_sumexp(z_m, m_t, d_t, 0)
+    m_s_new, d_s_new, e_s = _online_max_sumexp(tl.where(col_ok[None, :], x, float("-inf")), m_s, d_s, 1)
 
     if all_eps_one:
         u = e_t[None, :] + tl.zeros_like(x)
@@ -256,17 +274,30 @@ def _row_loss(m_t, d_t, m_s, d_s, a_w, g_w, z_y, x_y, eps):
 
 
 @triton.jit
+def _load_grad_scale(scale_ptr, scale_stride_k, scale_stride_b, row, kidx, branch_ok, row_ok, inv_t,
+                     ACC: tl.constexpr):
+    """grad_scale[k, row] / T per branch [BRANCH_ROWS] (NaN for a bad row, 0 on padding rows)."""
+    scale = tl.load(scale_ptr + kidx * scale_stride_k + row * scale_stride_b, mask=branch_ok, other=0.0)
+    return tl.where(row_ok, scale.to(ACC) * inv_t, float("nan"))
+
+
+@triton.jit
 def _grad_coefficients(scale_ptr, scale_stride_k, scale_stride_b, row, kidx, branch_ok, target_ok, inv_t, eps,
                        m_s, log_d_s, s_nt, p_y, w_y, nlq_y, loss_nt, ACC: tl.constexpr):
     """Per-branch factors of every gradient column, as the tuple _store_grad_block takes:
     (m_s, log d_s, S = S_nt + w_y, w_y, eps, grad_scale / T (NaN for a bad target), h_y, sum_c h_c)."""
-    scale = tl.load(scale_ptr + kidx * scale_stride_k + row * scale_stride_b, mask=branch_ok, other=0.0)
-    scale = tl.where(target_ok, scale.to(ACC) * inv_t, float("nan"))
+    scale = _load_grad_scale(scale_ptr, scale_stride_k, scale_stride_b, row, kidx, branch_ok, target_ok, inv_t, ACC)
     weight_sum = s_nt + w_y
     # h_y = p_y dl/dp_y = eps p_y (1 + p_y)^(eps - 1) (-log q_y), with (1 + p_y)^eps = 1 + w_y.
     h_y = eps * p_y * ((1.0 + w_y) / (1.0 + p_y)) * nlq_y
     h_sum = eps * loss_nt + h_y
     return m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum
+
+
+@triton.jit
+def _student_probabilities(x, col_ok, m_s, log_d_s):
+    """q = softmax(x) [BRANCH_ROWS, BLOCK] from the finished row statistics (0 where col_ok is false)."""
+    return tl.exp((tl.where(col_ok[None, :], x, float("-inf")) - m_s[:, None]) - log_d_s[:, None])
 
 
 @triton.jit
@@ -276,7 +307,7 @@ def _recompute_block(z, x, col_ok, off_target, m_t, log_d_t, m_s, log_d_s, eps, 
     # exact near the max, z - lse_t would round.
     log_p = (tl.where(col_ok, z, float("-inf")) - m_t) - log_d_t
     p = tl.exp(log_p)
-    q = tl.exp((tl.where(col_ok[None, :], x, float("-inf")) - m_s[:, None]) - log_d_s[:, None])
+    q = _student_probabilities(x, col_ok, m_s, log_d_s)
     if all_eps_one:
         w = p[None, :] + tl.zeros_like(x)
     else:
@@ -285,15 +316,22 @@ def _recompute_block(z, x, col_ok, off_target, m_t, log_d_t, m_s, log_d_s, eps, 
 
 
 @triton.jit
+def _store_student_grad(grad_row_ptrs, cols, col_ok, branch_ok, is_target, q, w_nt, weight_sum, w_y, scale):
+    """Stores (S q_c - w_c) * scale at the columns cols (where col_ok) of each branch's gradient row, with
+    w_c = w_y at the target and w_nt elsewhere ([BRANCH_ROWS, BLOCK] or broadcastable to it)."""
+    w = tl.where(is_target[None, :], w_y[:, None], w_nt)
+    g = (weight_sum[:, None] * q - w) * scale[:, None]
+    tl.store(grad_row_ptrs[:, None] + cols[None, :], g.to(grad_row_ptrs.dtype.element_ty),
+             mask=branch_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _store_grad_block(grad_row_ptrs, teacher_grad_row_ptr, cols, col_ok, branch_ok, is_target, x, q, w_nt, p,
                       coef, TEACHER_GRAD: tl.constexpr, TEACHER_ACCUMULATE: tl.constexpr):
     """Stores one column block of the student gradients and, with TEACHER_GRAD, of the teacher
     gradient (added to what an earlier launch stored there with TEACHER_ACCUMULATE)."""
     m_s, log_d_s, weight_sum, w_y, eps, scale, h_y, h_sum = coef
-    w = tl.where(is_target[None, :], w_y[:, None], w_nt)
-    g = (weight_sum[:, None] * q - w) * scale[:, None]
-    tl.store(grad_row_ptrs[:, None] + cols[None, :], g.to(grad_row_ptrs.dtype.element_ty),
-             mask=branch_ok[:, None] & col_ok[None, :])
+    _store_student_grad(grad_row_ptrs, cols, col_ok, branch_ok, is_target, q, w_nt, weight_sum, w_y, scale)
     if TEACHER_GRAD:
         # h_c = p_c dl/dp_c = -eps w_c log q_c off the target; dl/dt_c = (h_c - p_c sum_j h_j) / T.
         log_q = (x - m_s[:, None]) - log_d_s[:, None]  # shift first: exact near the max
@@ -368,6 +406,149 @@ def _ofa_fused_kernel(
                 _store_grad_block(grad_row_ptrs, teacher_grad_row_ptr, cols, col_ok, branch_ok, cols == y, x, q,
                                   w_nt, p, coef, TEACHER_GRAD, TEACHER_ACCUMULATE)
 
+
+# ----------------------------------------------------------------------------------------------
+# Sparse-teacher kernel (shared/docs/ofa-loss.md, "A sparse teacher"; csrc/ofa_row_math.h)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _student_row_stats(branch_row_ptrs, C, branch_ok, inv_t,
+                       BRANCH_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """One pass over the student rows: max_x, d = sum exp(x - max_x) and the gap G = sum_c (max_x - x_c) [BRANCH_ROWS]."""
+    _, _, m_s, d_s, g_s, _ = _initial_statistics(BRANCH_ROWS, ACC)
+    for start in range(0, C, BLOCK):
+        cols, col_ok, x = _load_student_block(start, branch_row_ptrs, C, branch_ok, inv_t, ACC, BLOCK, VEC)
+        m_new, d_s, _exp = _online_max_sumexp(tl.where(col_ok[None, :], x, float("-inf")), m_s, d_s, 1)
+        # Merge (m_s, g_s, start columns) with this block's gap about m_new: every term stays >= 0.
+        m_prev = tl.where(start > 0, m_s, m_new)  # no previous columns: no rebase (and no 0 * inf)
+        g_s = g_s + start * (m_new - m_prev) + tl.sum(tl.where(col_ok[None, :], m_new[:, None] - x, 0.0), axis=1)
+        m_s = m_new
+    return m_s, d_s, g_s
+
+
+@triton.jit
+def _load_stored_block(start, logits_row_ptr, indices_row_ptr, lse, k, C, branch_row_ptrs, branch_ok, inv_t,
+                       ACC: tl.constexpr, STORED_BLOCK: tl.constexpr):
+    """Stored entries start .. start + STORED_BLOCK: class idx, ok (a stored class in [0, C)), log p_i
+    [STORED_BLOCK] (-inf where not ok) and the gathered students x_i = s_i / T [BRANCH_ROWS, STORED_BLOCK]."""
+    j = start + tl.arange(0, STORED_BLOCK)
+    idx = tl.load(indices_row_ptr + j, mask=j < k, other=0)
+    ok = (j < k) & (idx >= 0) & (idx < C)
+    idx = tl.where(ok, idx, 0)
+    log_p = tl.where(ok, tl.load(logits_row_ptr + j, mask=ok, other=0.0).to(ACC) * inv_t - lse, float("-inf"))
+    x = tl.load(branch_row_ptrs[:, None] + idx[None, :], mask=branch_ok[:, None] & ok[None, :],
+                other=0.0).to(ACC) * inv_t
+    return idx, ok, log_p, x
+
+
+@triton.jit
+def _stored_row_stats(logits_row_ptr, indices_row_ptr, lse, k, C, y, branch_row_ptrs, branch_ok, inv_t, eps, m_s,
+                      BRANCH_ROWS: tl.constexpr, ACC: tl.constexpr, STORED_BLOCK: tl.constexpr):
+    """One pass over the stored classes: log sum_A p_i, log p_y (-inf when y is not stored) and per branch
+    sum_{A, != y} w_i, sum_{A, != y} w_i (max_x - x_i), G(A) = sum_A (max_x - x_i)."""
+    m_a, d_a, _, w_sum, w_gap, g_a = _initial_statistics(BRANCH_ROWS, ACC)
+    log_p_y = m_a
+    for start in range(0, k, STORED_BLOCK):
+        idx, ok, log_p, x = _load_stored_block(start, logits_row_ptr, indices_row_ptr, lse, k, C, branch_row_ptrs,
+                                               branch_ok, inv_t, ACC, STORED_BLOCK)
+        m_a, d_a, _exp = _online_max_sumexp(log_p, m_a, d_a, 0)
+        is_y = ok & (idx == y)
+        log_p_y = tl.maximum(log_p_y, tl.max(tl.where(is_y, log_p, float("-inf")), axis=0))
+        w = tl.where((ok & ~is_y)[None, :], tl.exp(eps[:, None] * log_p[None, :]), 0.0)
+        gap = tl.where(ok[None, :], m_s[:, None] - x, 0.0)
+        w_sum += tl.sum(w, axis=1)
+        w_gap += tl.sum(w * gap, axis=1)
+        g_a += tl.sum(gap, axis=1)
+    return m_a + tl.log(d_a), log_p_y, w_sum, w_gap, g_a
+
+
+@triton.jit
+def _log_rest_probability(log_stored_mass, others):
+    """log(r / others) with r = -expm1(log sum_A p_i) clamped >= 0; -inf when r == 0 or others == 0."""
+    v = tl.minimum(log_stored_mass, 0.0)
+    u = tl.exp(v)
+    # 1 - u is exact for u <= 1/2; near 1, -expm1 by Kahan's ratio (u - 1) * v / log u.
+    rest = tl.where(u <= 0.5, 1.0 - u, tl.where(u == 1.0, -v, (1.0 - u) * (v / tl.where(u == 1.0, -1.0, tl.log(u)))))
+    ok = (others > 0) & (rest > 0.0)
+    return tl.where(ok, tl.log(tl.where(ok, rest, 1.0)) - tl.log(tl.maximum(others, 1).to(rest.dtype)),
+                    float("-inf"))
+
+
+@triton.jit
+def _sparse_row_loss(m_s, d_s, g_s, x_y, log_stored_mass, log_p_y, w_sum, w_gap, g_a, eps, k, C):
+    """Per-branch loss l, the weight sum S and the weights w_y, w_rest (formulas: csrc/ofa_row_math.h)."""
+    y_stored = log_p_y > float("-inf")
+    log_p_rest = _log_rest_probability(log_stored_mass, C - k)
+    p_y = tl.exp(tl.where(y_stored, log_p_y, log_p_rest))
+    w_y = _expm1_nonneg(eps * _log1p_nonneg(p_y))
+    w_rest = tl.exp(eps * log_p_rest)
+    gap_y = m_s - x_y
+    not_stored = tl.where(y_stored, 0.0, 1.0)
+    rest_count = (C - k) - not_stored
+    weight_sum = w_sum + w_y + w_rest * rest_count
+    rest_gap = tl.where(w_rest > 0.0, w_rest * (g_s - g_a - not_stored * gap_y), 0.0)
+    loss = w_gap + w_y * gap_y + rest_gap + weight_sum * tl.log(d_s)
+    return loss, weight_sum, w_y, w_rest
+
+
+@triton.jit
+def _store_sparse_grads(grad_row_ptrs, branch_row_ptrs, logits_row_ptr, indices_row_ptr, lse, k, C, y, branch_ok,
+                        inv_t, eps, m_s, log_d_s, weight_sum, w_y, w_rest, scale,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr, STORED_BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """(S q_c - w_c) * scale: w_rest (w_y at y) over all columns, then, after a barrier, the stored classes != y."""
+    for start in range(0, C, BLOCK):
+        cols, col_ok, x = _load_student_block(start, branch_row_ptrs, C, branch_ok, inv_t, ACC, BLOCK, VEC)
+        q = _student_probabilities(x, col_ok, m_s, log_d_s)
+        _store_student_grad(grad_row_ptrs, cols, col_ok, branch_ok, cols == y, q, w_rest[:, None], weight_sum, w_y,
+                            scale)
+    tl.debug_barrier()  # the dense stores of this program land before they are overwritten below
+    for start in range(0, k, STORED_BLOCK):
+        idx, ok, log_p, x = _load_stored_block(start, logits_row_ptr, indices_row_ptr, lse, k, C, branch_row_ptrs,
+                                               branch_ok, inv_t, ACC, STORED_BLOCK)
+        off_target = ok & (idx != y)  # y was stored above with w_y
+        q = _student_probabilities(x, off_target, m_s, log_d_s)
+        w = tl.exp(eps[:, None] * log_p[None, :])
+        _store_student_grad(grad_row_ptrs, idx, off_target, branch_ok, idx == y, q, w, weight_sum, w_y, scale)
+
+
+@triton.jit
+def _ofa_sparse_kernel(
+    branch_ptrs, branch_strides,  # NUM_BRANCHES-tuples: [B, C] logits (rows contiguous) and row strides
+    logits_ptr, logits_stride, indices_ptr, indices_stride,  # stored teacher [B, k] (math dtype, int64)
+    lse_ptr, target_ptr,  # [B] math dtype, [B] int64
+    eps_ptr, inv_t_ptr,  # eps [NUM_BRANCHES] and 1/T [1], math dtype
+    scale_ptr, scale_stride_k, scale_stride_b,  # grad_scale [NUM_BRANCHES, B] (any strides), math dtype
+    loss_ptr, grad_ptr,  # [NUM_BRANCHES, B] math dtype; [NUM_BRANCHES, B, C] contiguous, input dtype
+    B, C, k,
+    NUM_BRANCHES: tl.constexpr, BRANCH_ROWS: tl.constexpr, BLOCK: tl.constexpr, STORED_BLOCK: tl.constexpr,
+    WANT_GRAD: tl.constexpr, VEC: tl.constexpr,
+):
+    """One program per batch row: the sparse-teacher losses (and gradients) of all NUM_BRANCHES branches."""
+    ACC = loss_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    kidx = tl.arange(0, BRANCH_ROWS)
+    branch_ok = kidx < NUM_BRANCHES
+    inv_t, eps, _ = _load_branch_params(eps_ptr, inv_t_ptr, kidx, branch_ok)
+    y, target_ok = _load_target(target_ptr, row, C)
+    branch_row_ptrs = _branch_row_pointers(row, kidx, branch_ptrs, branch_strides, NUM_BRANCHES, VEC)
+    logits_row_ptr = logits_ptr + row * logits_stride
+    indices_row_ptr = indices_ptr + row * indices_stride
+    lse = tl.load(lse_ptr + row).to(ACC)
+    x_y = tl.load(branch_row_ptrs + y, mask=branch_ok, other=0.0).to(ACC) * inv_t
+
+    m_s, d_s, g_s = _student_row_stats(branch_row_ptrs, C, branch_ok, inv_t, BRANCH_ROWS, ACC, BLOCK, VEC)
+    log_stored_mass, log_p_y, w_sum, w_gap, g_a = _stored_row_stats(
+        logits_row_ptr, indices_row_ptr, lse, k, C, y, branch_row_ptrs, branch_ok, inv_t, eps, m_s,
+        BRANCH_ROWS, ACC, STORED_BLOCK)
+    loss, weight_sum, w_y, w_rest = _sparse_row_loss(m_s, d_s, g_s, x_y, log_stored_mass, log_p_y, w_sum, w_gap,
+                                                     g_a, eps, k, C)
+    tl.store(loss_ptr + kidx * B + row, tl.where(target_ok, loss, float("nan")), mask=branch_ok)
+    if WANT_GRAD:
+        scale = _load_grad_scale(scale_ptr, scale_stride_k, scale_stride_b, row, kidx, branch_ok, target_ok, inv_t,
+                                 ACC)
+        grad_row_ptrs = _row_start(grad_ptr, (kidx * B + row) * C, VEC)
+        _store_sparse_grads(grad_row_ptrs, branch_row_ptrs, logits_row_ptr, indices_row_ptr, lse, k, C, y,
+                            branch_ok, inv_t, eps, m_s, tl.log(d_s), weight_sum, w_y, w_rest, scale,
+                            ACC, BLOCK, STORED_BLOCK, VEC)
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
@@ -568,6 +749,94 @@ def ofa_fused_forward_triton(branches: Sequence[Tensor], teacher: Tensor, target
         raise ValueError("ofakd_fast: need at least one class")
     _launch_all(matrices, teacher, target, eps, temperature, grad_scale, outputs, max_block)
     return outputs
+
+
+def _check_sparse_teacher(logits: Tensor, indices: Tensor, lse: Tensor, B: int, C: int) -> None:
+    """Raises ValueError/TypeError for a sparse teacher outside ofa_fused_forward_sparse_triton's contract."""
+    if logits.dim() != 2 or logits.size(0) != B or tuple(indices.shape) != tuple(logits.shape):
+        raise ValueError(f"ofakd_fast: sparse teacher logits {tuple(logits.shape)} and indices "
+                         f"{tuple(indices.shape)} must both be [B, k] with B = {B}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"ofakd_fast: sparse teacher indices must be int64, got {indices.dtype}")
+    if not logits.dtype.is_floating_point or not lse.dtype.is_floating_point or lse.numel() != B:
+        raise ValueError("ofakd_fast: sparse teacher logits must be floating [B, k] and lse floating [B]")
+    if logits.size(1) > C:
+        raise ValueError(f"ofakd_fast: {logits.size(1)} stored classes for C = {C}")
+    if indices.device.type == "cpu" and indices.numel():  # free here; on a GPU bad indices are skipped
+        if bool(((indices < 0) | (indices >= C)).any()):
+            raise ValueError(f"ofakd_fast: sparse teacher indices outside [0, {C})")
+
+
+def sparse_launch_config(C: int, k: int, num_branches: int, max_block: Optional[int] = None,
+                         math_bytes: int = 4) -> Tuple[int, int, int, int]:
+    """(BRANCH_ROWS, BLOCK, num_warps, STORED_BLOCK): launch_config's rows and warps, with at most 8 elements
+    per thread in 4-byte math (the gathers and scattered stores need more registers: 16 spill on sm_90; float64
+    keeps launch_config's tile, smaller ones spill more there), stored classes in blocks of <= BLOCK."""
+    rows, block, num_warps, _ = launch_config(C, num_branches, max_block, math_bytes)
+    if math_bytes == 4:
+        block = min(block, 8 * 32 * num_warps // rows)
+    return rows, block, num_warps, min(block, _next_power_of_2(max(k, 1)))
+
+
+def _launch_sparse_group(group_mats: Sequence[Tensor], k0: int, logits: Tensor, indices: Tensor, lse: Tensor,
+                         target: Tensor, params: Tensor, scale: Optional[Tensor], loss_rows: Tensor,
+                         grad_branches: Tensor, max_block: Optional[int]) -> None:
+    """One sparse-teacher launch for branches k0 .. k0 + len(group_mats) - 1 (scale None: losses only)."""
+    (B, C), (_, k), K, nb = group_mats[0].shape, logits.shape, params.numel() - 1, len(group_mats)
+    rows, block, num_warps, stored_block = sparse_launch_config(C, k, nb, max_block, loss_rows.element_size())
+    want_grad = scale is not None
+    vec = vector_width(list(group_mats) + ([grad_branches[k0]] if want_grad else []), C)
+    unused = loss_rows  # passed for the pointers the kernel does not read
+    _ofa_sparse_kernel[(B,)](
+        tuple(group_mats), tuple(m.stride(0) for m in group_mats),
+        logits, logits.stride(0), indices, indices.stride(0), lse, target,
+        params[k0:k0 + nb], params[K:],
+        scale[k0:k0 + nb] if want_grad else unused, scale.stride(0) if want_grad else 0,
+        scale.stride(1) if want_grad else 0,
+        loss_rows[k0:k0 + nb], grad_branches[k0:k0 + nb] if want_grad else unused,
+        B, C, k,
+        NUM_BRANCHES=nb, BRANCH_ROWS=rows, BLOCK=block, STORED_BLOCK=stored_block, WANT_GRAD=want_grad, VEC=vec,
+        num_warps=num_warps,
+    )
+
+
+def ofa_fused_forward_sparse_triton(branches: Sequence[Tensor], teacher_logits: Tensor, teacher_indices: Tensor,
+                                    teacher_lse: Tensor, target: Tensor, eps: Tensor, temperature: float,
+                                    grad_scale: Optional[Tensor],
+                                    max_block: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Per-row OFA losses of K branches against a sparse (top-k) teacher and, optionally, their gradients.
+
+    branches as in ofa_fused_forward_triton; teacher_logits [B, k], teacher_indices int64 [B, k] (distinct
+    per row, in [0, C)), teacher_lse [B] = logsumexp(t / T) over all C classes (shared/docs/ofa-loss.md,
+    "A sparse teacher"). Returns loss_rows [K, B] (float32, float64 for float64 branches) and grad_branches
+    [K, B, C] (grad_scale[k, b] * dl_kb/ds, branch dtype; empty without grad_scale).
+    """
+    if _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"ofakd_fast: backend='triton' unavailable: {_TRITON_IMPORT_ERROR}")
+    matrices = _branch_matrices(branches)
+    if not matrices:
+        raise ValueError("ofakd_fast: need at least one student branch")
+    _check_inputs(matrices, matrices[0], target, eps, temperature)  # branch 0 stands in for the dense teacher
+    B, C = matrices[0].shape
+    _check_sparse_teacher(teacher_logits, teacher_indices, teacher_lse, B, C)
+    K, device = len(matrices), matrices[0].device
+    loss_rows, grad_branches, _ = _allocate_outputs(K, matrices[0], grad_scale is not None, False)
+    if B == 0:
+        return loss_rows, grad_branches
+    if C == 0:
+        raise ValueError("ofakd_fast: need at least one class")
+    acc_dtype = loss_rows.dtype
+    params = _device_params(eps, temperature, device, acc_dtype)
+    scale = None if grad_scale is None else grad_scale.detach().to(device=device, dtype=acc_dtype).expand(K, B)
+    logits = teacher_logits.detach().to(device=device, dtype=acc_dtype).contiguous()
+    indices = teacher_indices.to(device).contiguous()
+    lse = teacher_lse.detach().to(device=device, dtype=acc_dtype).contiguous()
+    target_c = target.to(device).contiguous()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for k0 in range(0, K, MAX_BRANCHES_PER_LAUNCH):
+            _launch_sparse_group(matrices[k0:k0 + MAX_BRANCHES_PER_LAUNCH], k0, logits, indices, lse, target_c,
+                                 params, scale, loss_rows, grad_branches, max_block)
+    return loss_rows, grad_branches
 
 
 def _kernel_is_interpreted() -> bool:

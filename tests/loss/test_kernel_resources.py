@@ -2,7 +2,9 @@
 
 Triton: every variant the dispatcher launches for the problems of ``benchmarks/resources.py``
 ``problems(full=False)`` (all dtypes; K = 1, 2, 4, 5, 8, 13; the largest tile of every tile-row
-count, single block and column loop, scalar and widest VEC; the reference shapes with every pass) is
+count, single block and column loop, scalar and widest VEC; the reference shapes with every pass; the
+sparse-teacher kernel ``_ofa_sparse_kernel`` with k = 200 stored classes and gradients, 4-byte dtypes:
+see ``QUICK_SPARSE_DTYPES``) is
 compiled for ``GPUTarget("cuda", 90, 32)``; the cubin must have no local memory and no stack.
 CUDA: ``csrc/ofa_loss_cuda.cu`` through nvcc for sm_90 with ``-Xptxas -v`` and the build flags;
 every dtype's kernel, dense (``ofa_rows_kernel``) and sparse teacher (``ofa_sparse_rows_kernel``),
