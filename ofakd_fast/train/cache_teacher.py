@@ -8,7 +8,9 @@ its outputs for ``ofakd-train --teacher-cache DIR`` (format: :mod:`.teacher_cach
 The flags after ``--`` are the student run's own ofakd-train flags: the cache takes the teacher, data,
 seed, augmentation, image size and epochs from them, applies exactly the per-sample augmentation that
 run will (keyed by seed, epoch and sample index), and records all of it in the manifest, so a run
-whose flags differ is refused by name. A killed job resumes where it stopped (same command).
+whose flags differ is refused by name. With mixup/cutmix or --aug-repeats the cache holds the run's own
+batches, mixed as the run mixes them (keyed by seed, epoch, step and process): give the run's process
+count as --cache-world-size. A killed job resumes where it stopped (same command).
 """
 import argparse
 import time
@@ -24,7 +26,7 @@ from .distributed import Distributed
 from .errors import UsageError, exit_on_user_error
 from .models import build_teacher
 from .rundir import format_seconds
-from .sampling import SeededDataset, sample_key
+from .sampling import EpochSampler, SeededDataset, build_mixup, sample_key
 from .teacher_cache import (DTYPES, EpochWriter, epoch_dir, manifest_mismatches, read_manifest, run_fields,
                             write_manifest)
 
@@ -38,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dtype", default="float16", choices=tuple(DTYPES), help="the stored logits' type")
     parser.add_argument("--cache-temperature", type=float, default=1.0,
                         help="temperature of the stored logsumexp (top-k only): the student run's loss temperature")
-    parser.add_argument("--cache-batch-size", type=int, default=256, help="images per teacher forward")
+    parser.add_argument("--cache-batch-size", type=int, default=256,
+                        help="images per teacher forward (with mixup, cutmix or repeats: the run's --batch-size)")
+    parser.add_argument("--cache-world-size", type=int, default=1,
+                        help="processes of the student run (torchrun's nproc x nnodes); with mixup, cutmix or "
+                             "--aug-repeats its batches are cached, so the cache is made for that many")
     parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then the student run's ofakd-train flags")
     return parser
 
@@ -47,6 +53,8 @@ def cache_fields(opts: argparse.Namespace, num_classes: int) -> dict:
     """The manifest fields the cache itself chooses: what is stored and how."""
     if not 0 <= opts.cache_topk <= num_classes:
         raise UsageError(f"--cache-topk {opts.cache_topk}: expected 0 (all) to C = {num_classes}")
+    if opts.cache_world_size < 1:
+        raise UsageError(f"--cache-world-size {opts.cache_world_size}: expected the student run's process count (>= 1)")
     if not opts.cache_temperature > 0:
         raise UsageError(f"--cache-temperature {opts.cache_temperature}: expected a number > 0")
     topk = 0 if opts.cache_topk == num_classes else opts.cache_topk
@@ -64,17 +72,43 @@ def open_cache(root: Path, manifest: dict, ddp: Distributed) -> None:
         write_manifest(root, manifest)
 
 
+def epoch_plan(args, manifest: dict, num_samples: int, epoch: int, start_row: int, batch_size: int):
+    """The teacher forwards that fill one epoch's rows from `start_row`: (items, (step, rank) to mix the batch
+    as that step of that process does, or None). By sample: chunks of the samples in order. By position:
+    every process's batches, rank after rank, as :class:`EpochSampler` deals them."""
+    if manifest["rows"] == "sample":
+        return [([(sample_key(args.seed, epoch, i), i) for i in range(start, min(start + batch_size, num_samples))],
+                 None) for start in range(start_row, num_samples, batch_size)]
+    plan, batch = [], args.batch_size
+    for rank in range(manifest["world_size"]):
+        sampler = EpochSampler(num_samples, batch, manifest["world_size"], rank, True, args.seed, args.aug_repeats)
+        sampler.set_epoch(epoch)
+        items, steps = list(sampler), sampler.batches_per_epoch()
+        plan += [(items[step * batch:(step + 1) * batch], (step, rank)) for step in range(steps)]
+    return plan[start_row // batch:]
+
+
+def epoch_rows(args, manifest: dict, num_samples: int) -> int:
+    if manifest["rows"] == "sample":
+        return num_samples
+    sampler = EpochSampler(num_samples, args.batch_size, manifest["world_size"], 0, True, args.seed, args.aug_repeats)
+    return manifest["world_size"] * sampler.batches_per_epoch() * args.batch_size
+
+
 def cache_epoch(args, opts, teacher, dataset, root: Path, epoch: int, manifest: dict, log) -> None:
     """Computes (or completes, after a kill) one epoch of the cache and publishes it."""
-    writer = EpochWriter(root, epoch, len(dataset), manifest)
-    items = [(sample_key(args.seed, epoch, i), i) for i in range(writer.rows_done, len(dataset))]
-    loader = DataLoader(SeededDataset(dataset), batch_size=opts.cache_batch_size, sampler=items,
-                        num_workers=args.workers)
+    rows = epoch_rows(args, manifest, len(dataset))
+    writer = EpochWriter(root, epoch, rows, manifest)
+    plan = epoch_plan(args, manifest, len(dataset), epoch, writer.rows_done, opts.cache_batch_size)
+    loader = DataLoader(SeededDataset(dataset), batch_sampler=[items for items, _ in plan], num_workers=args.workers)
+    mixup = build_mixup(args, manifest["num_classes"])
     device, start, done, last_line = next(teacher.parameters()).device, time.perf_counter(), 0, 0.0
     amp = torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype)) if args.amp else torch.autocast(
         device.type, enabled=False)
-    for images, _, _ in loader:
+    for (images, target, _), (_, place) in zip(loader, plan):
         images = images.to(device)
+        if place is not None and mixup is not None:
+            images, _ = mixup(images, target.to(device), epoch, *place)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), amp:
@@ -82,11 +116,11 @@ def cache_epoch(args, opts, teacher, dataset, root: Path, epoch: int, manifest: 
         writer.write(writer.rows_done, logits, opts.cache_temperature, DTYPES[manifest["dtype"]][1])
         done += len(images)
         now = time.perf_counter()
-        if now - last_line < 10 and writer.rows_done < len(dataset):
+        if now - last_line < 10 and writer.rows_done < rows:
             continue  # a progress line every 10 s
         last_line, rate = now, done / max(now - start, 1e-9)
-        log(f"epoch {epoch + 1}/{args.epochs}: {writer.rows_done}/{len(dataset)} samples, {rate:.1f} img/s, "
-            f"eta {format_seconds((len(dataset) - writer.rows_done) / max(rate, 1e-9))} for this epoch")
+        log(f"epoch {epoch + 1}/{args.epochs}: {writer.rows_done}/{rows} rows, {rate:.1f} img/s, "
+            f"eta {format_seconds((rows - writer.rows_done) / max(rate, 1e-9))} for this epoch")
     writer.finish()
 
 
@@ -108,7 +142,8 @@ def main(argv=None):
             teacher = teacher.to(memory_format=torch.channels_last)
         dataset = build_dataset(DataConfig.from_namespace(args), info, "train")
         root = Path(opts.cache_dir)
-        manifest = {**run_fields(args, teacher, len(dataset), info.num_classes), **cache_fields(opts, info.num_classes)}
+        manifest = {**run_fields(args, teacher, len(dataset), info.num_classes, opts.cache_world_size),
+                    **cache_fields(opts, info.num_classes)}
         open_cache(root, manifest, ddp)
         for epoch in range(ddp.rank, args.epochs, ddp.world_size):
             if not epoch_dir(root, epoch).is_dir():

@@ -27,8 +27,8 @@ from .evaluate import evaluate
 from .models import build_teacher, create_model, distiller_from_args
 from .resume import check_resume_args
 from .rundir import Logger, append_summary, default_run_dir, format_seconds, plain, trim_summary, write_config
-from .sampling import build_loader
-from .teacher_cache import TeacherCache, run_fields, teacher_output_to
+from .sampling import build_loader, build_mixup
+from .teacher_cache import TeacherCache, batch_rows, run_fields, teacher_output_to
 
 
 RUN_RESULTS = ("last.pth", "best.pth", "summary.csv")  # what a run directory holds that --output must not destroy
@@ -140,7 +140,7 @@ class Trainer:
         if not self.args.teacher_cache:
             return None
         cache = TeacherCache(self.args.teacher_cache)
-        cache.check(run_fields(self.args, teacher, len(self.train_set), self.info.num_classes))
+        cache.check(run_fields(self.args, teacher, len(self.train_set), self.info.num_classes, self.ddp.world_size))
         cached_t, loss_t = cache.manifest["temperature"], self.distiller.teacher_temperature
         if cache.manifest["topk"] and cached_t != loss_t:
             raise DataError(f"--teacher-cache {cache.root}: its top-k rows hold logsumexp at temperature {cached_t}, "
@@ -153,7 +153,6 @@ class Trainer:
 
     def _build_optimization(self) -> None:
         """Optimizer (timm's, no weight decay where the distiller says), schedule, scaler, EMA, mixup."""
-        from timm.data import Mixup
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
@@ -170,9 +169,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if args.amp and self.amp_dtype == torch.float16 else None
         self.ema = ModelEmaV3(self.distiller.student, decay=args.model_ema_decay,
                               use_warmup=args.model_ema_warmup) if args.model_ema else None
-        self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                           switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
-                           num_classes=self.info.num_classes) if self.mixup_active else None
+        self.mixup = build_mixup(args, self.info.num_classes)
 
     def _wrap(self, distiller: nn.Module) -> nn.Module:
         model = distiller
@@ -182,7 +179,7 @@ class Trainer:
         return torch.compile(model) if self.args.compile else model
 
     def _seed_step_rngs(self, saved_rng: Optional[list]) -> None:
-        """Per-rank RNG streams for dropout, drop-path and mixup, continued exactly on resume."""
+        """Per-rank RNG streams for dropout and drop-path, continued exactly on resume."""
         from timm.utils import random_seed
 
         if saved_rng and len(saved_rng) == self.ddp.world_size:
@@ -270,14 +267,13 @@ class Trainer:
     def train_step(self, images: torch.Tensor, target: torch.Tensor, sample_index: torch.Tensor,
                    teacher_output=None) -> torch.Tensor:
         """One optimizer step; returns the detached [total, *loss entries] of this step. `teacher_output`:
-        the teacher's cached output for these images (``--teacher-cache``), else the teacher runs."""
+        the teacher's cached output for these images (``--teacher-cache``), else the teacher runs. Mixup and
+        cutmix are applied before (:meth:`train_epoch`)."""
         args = self.args
         if teacher_output is not None:
             self.distiller.use_teacher_output(teacher_output_to(teacher_output, self.device))
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.mixup is not None:
-            images, target = self.mixup(images, target)
         keyed = (sample_index,) if self.distiller.needs_sample_index else ()
         with self.amp_context():
             _, losses = self.model(images, target, *keyed)
@@ -313,12 +309,14 @@ class Trainer:
         self.model.train()
         sums, steps_in_sums = self._epoch_sums(epoch == self.progress.epoch)
         epoch_start, step, stopped = time.perf_counter(), skip, False
-        for images, target, sample_index, teacher_output in self._batches(epoch):
+        for images, target, sample_index, teacher_output in self._batches(epoch, skip):
             if step >= self.steps_per_epoch:
                 break
-            step_losses = self.train_step(images.to(self.device, non_blocking=True),
-                                          target.to(self.device, non_blocking=True),
-                                          sample_index.to(self.device, non_blocking=True), teacher_output)
+            images, target = images.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+            if self.mixup is not None:
+                images, target = self.mixup(images, target, epoch, step, self.ddp.rank)
+            step_losses = self.train_step(images, target, sample_index.to(self.device, non_blocking=True),
+                                          teacher_output)
             sums += step_losses
             self._note_non_finite(step_losses[0])
             step, steps_in_sums, self.run_steps = step + 1, steps_in_sums + 1, self.run_steps + 1
@@ -340,17 +338,19 @@ class Trainer:
                            stopped)
         return stopped
 
-    def _batches(self, epoch: int):
-        """The loader's batches with the teacher cache's rows for them (None without a cache), each read in a
-        thread while the step before it trains, so reading never holds up a step."""
+    def _batches(self, epoch: int, skip: int):
+        """The loader's batches from step `skip` with the teacher cache's rows for them (None without a cache),
+        each read in a thread while the step before it trains, so reading never holds up a step."""
         if self.teacher_cache is None:
             for batch in self.train_loader:
                 yield (*batch, None)
             return
+        cache, steps_per_rank = self.teacher_cache, self.train_loader.sampler.batches_per_epoch()
         with ThreadPoolExecutor(1) as reader:
             pending = None
-            for batch in self.train_loader:
-                ahead = (batch, reader.submit(self.teacher_cache.rows, epoch, batch[2]))
+            for step, batch in enumerate(self.train_loader, start=skip):
+                rows = batch_rows(cache.manifest, batch[2], self.ddp.rank, step, steps_per_rank)
+                ahead = (batch, reader.submit(cache.rows, epoch, rows))
                 if pending is not None:
                     yield (*pending[0], pending[1].result())
                 pending = ahead

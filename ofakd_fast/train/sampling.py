@@ -4,11 +4,12 @@ The training sampler yields ``(key, index)`` pairs and :class:`SeededDataset` ru
 transform under its own RNG seed ``key``, so the augmented batches do not depend on the number
 of loader workers, and a run resumed in the middle of an epoch sees exactly the batches an
 uninterrupted run would (``set_epoch(epoch, skip_batches)``). The main process's RNGs (dropout,
-mixup) are left untouched.
+drop-path) are left untouched. Mixup and cutmix, which mix the samples of a batch, draw from the
+seed of the batch's place (:class:`KeyedMixup`): a pure function of (seed, epoch, step, rank).
 """
 import math
 import random
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +21,41 @@ from .errors import DataError
 def sample_key(seed: int, epoch: int, index: int) -> int:
     """The RNG seed of one sample's augmentation in one epoch."""
     return ((seed * 1_000_003 + epoch) * 100_000_007 + index) % (2 ** 63 - 1)
+
+
+def batch_key(seed: int, epoch: int, step: int, rank: int) -> list:
+    """The NumPy seed of one batch's mixing (mixup/cutmix): step `step` of process `rank` in epoch `epoch`."""
+    return [value % 2 ** 32 for value in (seed, epoch, step, rank)]
+
+
+class KeyedMixup:
+    """timm's ``Mixup`` (batch mode) whose draws (lambda, mixup or cutmix, the box) come from
+    :func:`batch_key` instead of the process's NumPy stream, which is restored after: the mixed batch
+    is a function of its place alone, so ``ofakd-cache-teacher`` mixes exactly as the run will, and a
+    resumed run needs no saved RNG state for it."""
+
+    def __init__(self, mixup, seed: int):
+        self.mixup, self.seed = mixup, seed
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, epoch: int, step: int, rank: int):
+        saved = np.random.get_state()
+        np.random.seed(batch_key(self.seed, epoch, step, rank))
+        try:
+            return self.mixup(images, target)
+        finally:
+            np.random.set_state(saved)
+
+
+def build_mixup(args, num_classes: int) -> Optional[KeyedMixup]:
+    """The run's mixup/cutmix (``--mixup``, ``--cutmix``, ``--mixup-prob``, ``--mixup-switch-prob``, with
+    ``--smoothing`` on the mixed targets); None when both alphas are 0."""
+    if not (args.mixup > 0 or args.cutmix > 0):
+        return None
+    from timm.data import Mixup
+
+    return KeyedMixup(Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                            switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                            num_classes=num_classes), args.seed)
 
 
 class EpochSampler(Sampler):

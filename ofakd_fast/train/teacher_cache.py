@@ -11,6 +11,13 @@ memory-mapped ``.npy`` arrays, one row per sample index:
   [N] fp32, ``logsumexp(t / T)`` over all C classes at the cache's temperature, so the stored
   probabilities are exact and the rest's mass is known (:class:`ofakd_fast.loss.SparseTeacher`).
 
+Rows are indexed by sample (``rows: sample``), except where a run's batches are not a function of its
+samples alone: with mixup/cutmix (a batch's images are mixed with each other) or ``--aug-repeats`` (a
+sample is seen several times per epoch, each time augmented anew) they are indexed by position
+(``rows: position``): row ``(rank * B_r + step) * batch_size + j`` holds the teacher's output for image j of
+step `step` of process `rank` (``B_r`` steps per process), so the cache is tied to the batch size and
+the number of processes, which the manifest records.
+
 A partial epoch keeps ``rows_done`` (written atomically after each flushed chunk): a killed run
 resumes there. Under torchrun, process r computes the epochs e with e % world_size == r.
 """
@@ -30,7 +37,7 @@ from ..loss.sparse import SparseTeacher
 from .data import DataConfig
 from .errors import DataError, UsageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows by sample or by position (mixup, cutmix, repeats)
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
           "float32": (np.float32, torch.float32)}
 
@@ -50,15 +57,34 @@ def state_dict_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def run_fields(args: argparse.Namespace, teacher: torch.nn.Module, num_samples: int, num_classes: int) -> dict:
-    """The manifest fields a student run determines (the trainer recomputes them to check a cache)."""
-    if args.mixup > 0 or args.cutmix > 0 or args.aug_repeats:
-        raise UsageError("--teacher-cache: --mixup/--cutmix and --aug-repeats are not supported by the teacher "
-                         "cache yet (they couple or repeat samples); run with the live teacher")
-    return {"format_version": FORMAT_VERSION, "teacher": args.teacher, "teacher_kwargs": dict(args.teacher_kwargs),
-            "teacher_weights_sha256": state_dict_hash(teacher), "data": _plain(asdict(DataConfig.from_namespace(args))),
-            "num_samples": num_samples, "num_classes": num_classes, "seed": args.seed, "epochs": args.epochs,
-            "amp": bool(args.amp) and args.amp_dtype, "channels_last": bool(args.channels_last)}
+def indexed_by_position(args: argparse.Namespace) -> bool:
+    """Whether a run's cache rows go by position in the epoch (mixup, cutmix, repeats) or by sample."""
+    return args.mixup > 0 or args.cutmix > 0 or bool(args.aug_repeats)
+
+
+def run_fields(args: argparse.Namespace, teacher: torch.nn.Module, num_samples: int, num_classes: int,
+               world_size: int) -> dict:
+    """The manifest fields a student run of `world_size` processes determines (the trainer recomputes them
+    to check a cache)."""
+    fields = {"format_version": FORMAT_VERSION, "teacher": args.teacher, "teacher_kwargs": dict(args.teacher_kwargs),
+              "teacher_weights_sha256": state_dict_hash(teacher),
+              "data": _plain(asdict(DataConfig.from_namespace(args))), "num_samples": num_samples,
+              "num_classes": num_classes, "seed": args.seed, "epochs": args.epochs,
+              "amp": bool(args.amp) and args.amp_dtype, "channels_last": bool(args.channels_last),
+              "rows": "position" if indexed_by_position(args) else "sample"}
+    if indexed_by_position(args):
+        fields.update(batch_size=args.batch_size, world_size=world_size, aug_repeats=args.aug_repeats,
+                      mixup={"mixup": args.mixup, "cutmix": args.cutmix, "prob": args.mixup_prob,
+                             "switch_prob": args.mixup_switch_prob})
+    return fields
+
+
+def batch_rows(manifest: dict, sample_index: Tensor, rank: int, step: int, steps_per_rank: int) -> np.ndarray:
+    """The cache rows of step `step` of process `rank`, whose samples are `sample_index`."""
+    if manifest["rows"] == "sample":
+        return sample_index.cpu().numpy()
+    start = (rank * steps_per_rank + step) * manifest["batch_size"]
+    return np.arange(start, start + len(sample_index))
 
 
 def _plain(values: dict) -> dict:
@@ -146,7 +172,7 @@ class EpochWriter:
 
 
 class TeacherCache:
-    """Reads a cache directory: :meth:`rows` gives the teacher output of sample indices in an epoch, as
+    """Reads a cache directory: :meth:`rows` gives the teacher output of rows (:func:`batch_rows`) of an epoch, as
     dense logits [B, C] (float32) or a :class:`SparseTeacher`, on the host (the loop moves it)."""
 
     def __init__(self, root: Union[str, Path]):
@@ -171,8 +197,8 @@ class TeacherCache:
             self._epochs = {epoch: {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy")}}
         return self._epochs[epoch]
 
-    def rows(self, epoch: int, sample_index: Tensor) -> Union[Tensor, SparseTeacher]:
-        arrays, index = self._epoch(epoch), sample_index.cpu().numpy()
+    def rows(self, epoch: int, index: np.ndarray) -> Union[Tensor, SparseTeacher]:
+        arrays = self._epoch(epoch)
         raw = torch.from_numpy(np.ascontiguousarray(arrays["logits"][index]))
         logits = (raw.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16" else raw).float()
         if not self.manifest["topk"]:

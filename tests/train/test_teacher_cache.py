@@ -29,14 +29,56 @@ def student_state(path):
     return torch.load(path / "last.pth", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("distiller", ["ofa", "kd"])
-def test_full_float32_cache_gives_the_live_run_bit_for_bit(tmp_path, tree, teacher_file, distiller):
-    cache = make_cache(tmp_path, tree, teacher_file, "--cache-dtype", "float32", run_extra=("--distiller", distiller))
+MIXING = ("--mixup", "0.4", "--cutmix", "1.0", "--mixup-switch-prob", "0.5")
+
+
+@pytest.mark.parametrize("distiller, extra", [("ofa", ()), ("kd", ()), ("ofa", MIXING), ("kd", ("--aug-repeats", "2")),
+                                              ("ofa", (*MIXING, "--aug-repeats", "3"))],
+                         ids=["ofa", "kd", "ofa-mixup-cutmix", "kd-repeats", "ofa-mixup-repeats"])
+def test_full_float32_cache_gives_the_live_run_bit_for_bit(tmp_path, tree, teacher_file, distiller, extra):
+    flags = ("--distiller", distiller, *extra)
+    cache = make_cache(tmp_path, tree, teacher_file, "--cache-dtype", "float32", run_extra=flags)
     live, cached = tmp_path / "live", tmp_path / "cached"
-    train(parse_args(run_flags(tree, live, teacher_file, "--distiller", distiller)))
-    train(parse_args(run_flags(tree, cached, teacher_file, "--distiller", distiller, "--teacher-cache", str(cache))))
+    train(parse_args(run_flags(tree, live, teacher_file, *flags)))
+    train(parse_args(run_flags(tree, cached, teacher_file, *flags, "--teacher-cache", str(cache))))
     a, b = student_state(live), student_state(cached)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((cache / "manifest.json").read_text())["rows"] == ("position" if extra else "sample")
+
+
+def test_a_mixing_cache_holds_the_runs_mixed_batches(tmp_path, tree, teacher_file):
+    """Position rows: row (rank * steps + step) * batch + j is the teacher on image j of that mixed batch,
+    for each of the run's processes; the run's batch size and process count are part of the manifest."""
+    from ofakd_fast.train.cache_teacher import epoch_plan
+
+    cache = tmp_path / "cache"
+    cache_main(["--cache-dir", str(cache), "--cache-world-size", "2", "--cache-dtype", "float32", "--",
+                *run_flags(tree, tmp_path / "unused", teacher_file, *MIXING)])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["batch_size"], manifest["mixup"]["cutmix"]) == (2, 4, 1.0)
+    args = parse_args(run_flags(tree, tmp_path / "unused", teacher_file, *MIXING))
+    plan = epoch_plan(args, manifest, 12, 1, 0, 256)
+    assert [place for _, place in plan] == [(0, 0), (0, 1)]  # 12 samples, 2 processes of batch 4: 1 step each
+    dealt = [index for items, _ in plan for _, index in items]
+    assert len(dealt) == 8 and len(set(dealt)) == 8
+    assert np.load(epoch_dir(cache, 1) / "logits.npy").shape == (8, 3)
+
+
+def test_mixing_is_a_function_of_the_batch_place_and_leaves_numpy_alone():
+    from types import SimpleNamespace
+
+    from ofakd_fast.train.sampling import build_mixup
+
+    args = SimpleNamespace(mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1, seed=5)
+    mixup, images, target = build_mixup(args, 3), torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    np.random.seed(1)
+    before = np.random.get_state()[1].copy()
+    first = [mixup(images.clone(), target, 2, step, 0) for step in range(6)]
+    assert np.array_equal(np.random.get_state()[1], before)
+    again = [mixup(images.clone(), target, 2, step, 0) for step in range(6)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    other_rank = mixup(images.clone(), target, 2, 0, 1)
+    assert len({tuple(x[1][:, 0].tolist()) for x in first + [other_rank]}) > 1  # not one draw for all places
 
 
 def test_top_k_cache_stores_exact_probabilities_and_trains(tmp_path, tree, teacher_file):
@@ -44,7 +86,7 @@ def test_top_k_cache_stores_exact_probabilities_and_trains(tmp_path, tree, teach
                        run_extra=("--distiller", "ofa"))
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["topk"] == 2 and manifest["dtype"] == "bfloat16" and manifest["epochs"] == 2
-    rows = TeacherCache(cache).rows(1, torch.arange(12))
+    rows = TeacherCache(cache).rows(1, np.arange(12))
     assert isinstance(rows, SparseTeacher) and rows.indices.shape == (12, 2) and rows.lse.shape == (12,)
     stored_p = (rows.logits - rows.lse[:, None]).exp()
     assert bool((stored_p.sum(dim=1) <= 1 + 1e-2).all()) and bool((stored_p > 0).all())
@@ -57,7 +99,8 @@ def test_top_k_cache_stores_exact_probabilities_and_trains(tmp_path, tree, teach
 
 def test_a_mismatching_run_is_refused_by_field(tmp_path, tree, teacher_file, capsys):
     cache = make_cache(tmp_path, tree, teacher_file, run_extra=("--distiller", "ofa"))
-    for extra, field in ((("--seed", "3"), "seed"), (("--scale", "0.5", "1"), "data"), (("--epochs", "3"), "epochs")):
+    for extra, field in ((("--seed", "3"), "seed"), (("--scale", "0.5", "1"), "data"), (("--epochs", "3"), "epochs"),
+                         (MIXING, "rows")):
         with pytest.raises(SystemExit):
             from ofakd_fast.train.cli import main as train_main
             train_main(run_flags(tree, tmp_path / "bad", teacher_file, "--distiller", "ofa", "--teacher-cache",
