@@ -25,9 +25,9 @@ sys.path.insert(0, str(HERE))
 
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 SMALL_GRAD_BYTES = 1 << 20
-TARGETS = {  # the issue's targets for this CPU, fp32 forward+backward
-    "imagenet1k_vs_eager": 10.0, "imagenet1k_vs_compile": 3.0,
-    "imagenet21k_vs_eager": 8.0, "imagenet21k_vs_compile": 2.5, "imagenet21k_over_floor": 3.0,
+TARGETS = {  # the issues' targets for this CPU, fp32 forward+backward unless named (issue 15 raised the first three)
+    "imagenet1k_vs_eager": 12.0, "imagenet1k_vs_compile": 4.0, "imagenet21k_over_floor": 1.5,
+    "imagenet21k_bf16_speedup": 1.4, "imagenet21k_vs_eager": 8.0, "imagenet21k_vs_compile": 2.5,
     "peak_over_grad": 1.2,
 }
 
@@ -225,19 +225,20 @@ def targets(r: Ratios, memory: dict, device: str = "cpu") -> list:
         return []
     s1, s21 = "256x1000x5", "256x21841x5"
     t = lambda shape, dtype, v: r.time(device, shape, dtype, "fwdbwd", v)  # noqa: E731
+    at_least = lambda key: (lambda x: x >= TARGETS[key])  # noqa: E731
     checks = [
-        ("256x1000x5 fp32 fwd+bwd: ≥ 10× faster than eager", r.ratio(t(s1, "fp32", "eager"), t(s1, "fp32", fused)),
-         lambda x: x >= TARGETS["imagenet1k_vs_eager"]),
-        ("256x1000x5 fp32 fwd+bwd: ≥ 3× faster than compile", r.ratio(t(s1, "fp32", "compile"), t(s1, "fp32", fused)),
-         lambda x: x >= TARGETS["imagenet1k_vs_compile"]),
-        ("256x21841x5 fp32 fwd+bwd: ≥ 8× faster than eager", r.ratio(t(s21, "fp32", "eager"), t(s21, "fp32", fused)),
-         lambda x: x >= TARGETS["imagenet21k_vs_eager"]),
-        ("256x21841x5 fp32 fwd+bwd: ≥ 2.5× faster than compile",
-         r.ratio(t(s21, "fp32", "compile"), t(s21, "fp32", fused)), lambda x: x >= TARGETS["imagenet21k_vs_compile"]),
-        ("256x21841x5 fp32 fwd+bwd: within 3× of the memcpy floor", r.ratio(t(s21, "fp32", fused), t(s21, "fp32", "floor")),
-         lambda x: x <= TARGETS["imagenet21k_over_floor"]),
-        ("256x21841x5 fwd+bwd: bf16 faster than fp32 (fp32 time / bf16 time > 1)",
-         r.ratio(t(s21, "fp32", fused), t(s21, "bf16", fused)), lambda x: x > 1.0),
+        (f"256x1000x5 fp32 fwd+bwd: ≥ {TARGETS['imagenet1k_vs_eager']:g}× faster than eager",
+         r.ratio(t(s1, "fp32", "eager"), t(s1, "fp32", fused)), at_least("imagenet1k_vs_eager")),
+        (f"256x1000x5 fp32 fwd+bwd: ≥ {TARGETS['imagenet1k_vs_compile']:g}× faster than compile",
+         r.ratio(t(s1, "fp32", "compile"), t(s1, "fp32", fused)), at_least("imagenet1k_vs_compile")),
+        (f"256x21841x5 fp32 fwd+bwd: ≥ {TARGETS['imagenet21k_vs_eager']:g}× faster than eager",
+         r.ratio(t(s21, "fp32", "eager"), t(s21, "fp32", fused)), at_least("imagenet21k_vs_eager")),
+        (f"256x21841x5 fp32 fwd+bwd: ≥ {TARGETS['imagenet21k_vs_compile']:g}× faster than compile",
+         r.ratio(t(s21, "fp32", "compile"), t(s21, "fp32", fused)), at_least("imagenet21k_vs_compile")),
+        (f"256x21841x5 fp32 fwd+bwd: within {TARGETS['imagenet21k_over_floor']:g}× of the memcpy floor",
+         r.ratio(t(s21, "fp32", fused), t(s21, "fp32", "floor")), lambda x: x <= TARGETS["imagenet21k_over_floor"]),
+        (f"256x21841x5 fwd+bwd: bf16 ≥ {TARGETS['imagenet21k_bf16_speedup']:g}× faster than fp32 (fp32 time / bf16 time)",
+         r.ratio(t(s21, "fp32", fused), t(s21, "bf16", fused)), at_least("imagenet21k_bf16_speedup")),
     ]
     lines = []
     for text, pair, ok in checks:

@@ -24,3 +24,23 @@ def test_main_job_prints_mean_and_spread_over_seeds(tmp_path, capsys):
         assert " ± " in line and all(f"{r['final_top1']:.2f}" in line for r in runs)
     assert (tmp_path / "runs" / "ofa-seed1" / "last.pth").is_file()
     assert torch.load(tmp_path / "runs" / "ofa-seed1" / "last.pth", weights_only=True)["args"]["seed"] == 1
+
+
+def test_students_see_whole_digits_and_the_teacher_mild_crops(tmp_path):
+    """The design the README's table rests on: uncropped students, a teacher trained with crops."""
+    from ofakd_fast.train import parse_args
+
+    opts = mnist.build_parser().parse_args([])
+    student = parse_args(mnist.student_argv(opts, "ofa", 1, str(tmp_path / "t.pth"), tmp_path / "s"))
+    teacher = parse_args(mnist.teacher_argv(opts, tmp_path / "t"))
+    assert (tuple(student.scale), tuple(student.ratio), student.seed) == ((1.0, 1.0), (1.0, 1.0), 1)
+    assert (tuple(teacher.scale), tuple(teacher.ratio)) == ((0.6, 1.0), (0.8, 1.25))
+    assert student.train_subset == 3000 and student.epochs == 10 and teacher.train_subset == 0
+
+
+def test_student_flags_override_the_jobs_own(tmp_path):
+    from ofakd_fast.train import parse_args
+
+    opts = mnist.build_parser().parse_args(["--student-flags", "--lr 1e-3 --scale 0.6 1"])
+    student = parse_args(mnist.student_argv(opts, "kd", 0, str(tmp_path / "t.pth"), tmp_path / "s"))
+    assert student.lr == 1e-3 and tuple(student.scale) == (0.6, 1.0) and tuple(student.ratio) == (1.0, 1.0)
