@@ -7,13 +7,14 @@
    forward + backward + SGD step, float32): the teacher run live against its output read from a
    cache (full logits, and top-20 + lse), for each teacher. Interleaved, median of --steps each.
 2. Bytes per sample per epoch of each storage form at C = 1000.
-4. With --mnist-teacher (the main job's teacher, OUTPUT/teacher/last.pth): one epoch of the main job's
-   OFA student on its 3,000 images, live teacher against a full float32 cache made for it (the
-   cache-making time reported too), img/s of each and whether the two runs end with equal parameters.
 3. The OFA loss of a top-k teacher against the dense one: relative error of the summed branch loss
    and cosine of the student gradient, for k in {5, 10, 20, 50, 100} at C = 1000, over B = 256 rows
    of teacher logits given by --logits (a .pt file [N, 1000] of real teacher outputs) or, without one,
    synthetic peaked logits (said so in the output: not real teacher outputs).
+4. With --mnist-teacher (the main job's teacher, OUTPUT/teacher/last.pth): one epoch of the main job's
+   OFA student on its 3,000 images, live teacher against a full float32 cache made for it (the
+   cache-making time reported too), img/s of each and whether the two runs end with equal parameters.
+5. With --mnist-teacher: part 3 on that cache's real teacher outputs (C = 10), k in {1, 2, 3, 5}.
 """
 import argparse
 import shutil
@@ -21,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,6 +126,11 @@ def mnist_runs(teacher_checkpoint: str, root: Path) -> None:
     print(f"4. MNIST main job, OFA student, 1 epoch of {opts.train_subset} images: live {live['img_per_sec']:.1f} img/s, "
           f"from the cache {cached['img_per_sec']:.1f} img/s ({cached['img_per_sec'] / live['img_per_sec']:.2f}x); "
           f"making the cache {cache_seconds:.1f} s; equal parameters: {same}")
+    real = torch.from_numpy(np.load(root / "cache" / "epoch_0001" / "logits.npy"))[:256]
+    print(f"5. top-k OFA loss on the MNIST teacher's real outputs (its cache's first epoch, B = {real.shape[0]}, "
+          f"C = {real.shape[1]}) against the dense teacher")
+    for k, (error, cosine) in top_k_error(real, ks=(1, 2, 3, 5)).items():
+        print(f"   k = {k}: relative loss error {error:.2e}, gradient cosine {cosine:.6f}")
 
 
 def main(argv=None):
