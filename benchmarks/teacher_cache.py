@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ofakd_fast.distill import build_distiller
 from ofakd_fast.loss import ofa_loss_multi, sparse_teacher
-from ofakd_fast.train.teacher_cache import index_dtype
+from ofakd_fast.train.teacher_cache import TeacherCache, index_dtype
 
 IMAGENET = 1000
 
@@ -126,7 +126,7 @@ def mnist_runs(teacher_checkpoint: str, root: Path) -> None:
     print(f"4. MNIST main job, OFA student, 1 epoch of {opts.train_subset} images: live {live['img_per_sec']:.1f} img/s, "
           f"from the cache {cached['img_per_sec']:.1f} img/s ({cached['img_per_sec'] / live['img_per_sec']:.2f}x); "
           f"making the cache {cache_seconds:.1f} s; equal parameters: {same}")
-    real = torch.from_numpy(np.load(root / "cache" / "epoch_0001" / "logits.npy"))[:256]
+    real = TeacherCache(root / "cache").rows(0, np.arange(256))
     print(f"5. top-k OFA loss on the MNIST teacher's real outputs (its cache's first epoch, B = {real.shape[0]}, "
           f"C = {real.shape[1]}) against the dense teacher")
     for k, (error, cosine) in top_k_error(real, ks=(1, 2, 3, 5)).items():

@@ -81,18 +81,23 @@ def epoch_plan(args, manifest: dict, num_samples: int, epoch: int, start_row: in
                  None) for start in range(start_row, num_samples, batch_size)]
     plan, batch = [], args.batch_size
     for rank in range(manifest["world_size"]):
-        sampler = EpochSampler(num_samples, batch, manifest["world_size"], rank, True, args.seed, args.aug_repeats)
+        sampler = run_sampler(args, manifest, num_samples, rank)
         sampler.set_epoch(epoch)
         items, steps = list(sampler), sampler.batches_per_epoch()
         plan += [(items[step * batch:(step + 1) * batch], (step, rank)) for step in range(steps)]
     return plan[start_row // batch:]
 
 
+def run_sampler(args, manifest: dict, num_samples: int, rank: int) -> EpochSampler:
+    """The training sampler of process `rank` of the run the cache is made for."""
+    return EpochSampler(num_samples, args.batch_size, manifest["world_size"], rank, True, args.seed, args.aug_repeats)
+
+
 def epoch_rows(args, manifest: dict, num_samples: int) -> int:
+    """Rows of one epoch: a sample each, or every process's whole batches."""
     if manifest["rows"] == "sample":
         return num_samples
-    sampler = EpochSampler(num_samples, args.batch_size, manifest["world_size"], 0, True, args.seed, args.aug_repeats)
-    return manifest["world_size"] * sampler.batches_per_epoch() * args.batch_size
+    return manifest["world_size"] * run_sampler(args, manifest, num_samples, 0).batches_per_epoch() * args.batch_size
 
 
 def cache_epoch(args, opts, teacher, dataset, root: Path, epoch: int, manifest: dict, log) -> None:

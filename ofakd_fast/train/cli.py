@@ -30,6 +30,7 @@ from .distributed import resolve_device
 from .errors import UsageError, exit_on_user_error
 from .flags import (MergeKwargs, kwargs_pair, nonneg_float, nonneg_int, number, positive_float, positive_int,
                     probability, smoothing_value, ema_decay, stage_value, whole_number)
+from .sampling import mixing_active
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OPTIMIZERS = ("sgd", "momentum", "adamw", "adam", "lamb")  # timm names: 'sgd' is SGD with Nesterov momentum
@@ -412,7 +413,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.amp and args.amp_dtype == "float16" and resolve_device(args.device).type != "cuda":
         raise UsageError("--amp-dtype float16: expected a CUDA device (float16 autocast with a GradScaler runs on "
                          "GPUs only); use --amp-dtype bfloat16 on CPU")
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+    if mixing_active(args) and args.batch_size % 2:
         raise UsageError(f"--batch-size {args.batch_size}: expected an even batch size with --mixup/--cutmix "
                          "(timm's Mixup mixes a batch with its reverse)")
     if args.scale[0] > args.scale[1] or args.ratio[0] > args.ratio[1]:

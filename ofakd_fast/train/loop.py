@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .models import build_teacher, create_model, distiller_from_args
 from .resume import check_resume_args
 from .rundir import Logger, append_summary, default_run_dir, format_seconds, plain, trim_summary, write_config
-from .sampling import build_loader, build_mixup
+from .sampling import build_loader, build_mixup, mixing_active
 from .teacher_cache import TeacherCache, batch_rows, run_fields, teacher_output_to
 
 
@@ -124,9 +124,8 @@ class Trainer:
 
     def _build_distiller(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         args = self.args
-        self.mixup_active = args.mixup > 0 or args.cutmix > 0
         input_size = (self.info.in_chans, args.img_size, args.img_size)
-        distiller = distiller_from_args(args, student, teacher, input_size, self.mixup_active, len(self.train_set))
+        distiller = distiller_from_args(args, student, teacher, input_size, mixing_active(args), len(self.train_set))
         if args.sync_bn and self.ddp.enabled:
             distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
         distiller.to(self.device)

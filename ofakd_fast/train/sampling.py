@@ -46,10 +46,15 @@ class KeyedMixup:
             np.random.set_state(saved)
 
 
+def mixing_active(args) -> bool:
+    """Whether the run mixes the samples of its batches (``--mixup`` or ``--cutmix`` alpha above 0)."""
+    return args.mixup > 0 or args.cutmix > 0
+
+
 def build_mixup(args, num_classes: int) -> Optional[KeyedMixup]:
     """The run's mixup/cutmix (``--mixup``, ``--cutmix``, ``--mixup-prob``, ``--mixup-switch-prob``, with
     ``--smoothing`` on the mixed targets); None when both alphas are 0."""
-    if not (args.mixup > 0 or args.cutmix > 0):
+    if not mixing_active(args):
         return None
     from timm.data import Mixup
 

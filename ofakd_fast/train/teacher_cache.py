@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..loss.sparse import SparseTeacher
 from .data import DataConfig
-from .errors import DataError, UsageError
+from .errors import DataError
+from .sampling import mixing_active
 
 FORMAT_VERSION = 2  # 2: rows by sample or by position (mixup, cutmix, repeats)
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
@@ -59,20 +60,21 @@ def state_dict_hash(module: torch.nn.Module) -> str:
 
 def indexed_by_position(args: argparse.Namespace) -> bool:
     """Whether a run's cache rows go by position in the epoch (mixup, cutmix, repeats) or by sample."""
-    return args.mixup > 0 or args.cutmix > 0 or bool(args.aug_repeats)
+    return mixing_active(args) or bool(args.aug_repeats)
 
 
 def run_fields(args: argparse.Namespace, teacher: torch.nn.Module, num_samples: int, num_classes: int,
                world_size: int) -> dict:
     """The manifest fields a student run of `world_size` processes determines (the trainer recomputes them
     to check a cache)."""
+    by_position = indexed_by_position(args)
     fields = {"format_version": FORMAT_VERSION, "teacher": args.teacher, "teacher_kwargs": dict(args.teacher_kwargs),
               "teacher_weights_sha256": state_dict_hash(teacher),
               "data": _plain(asdict(DataConfig.from_namespace(args))), "num_samples": num_samples,
               "num_classes": num_classes, "seed": args.seed, "epochs": args.epochs,
               "amp": bool(args.amp) and args.amp_dtype, "channels_last": bool(args.channels_last),
-              "rows": "position" if indexed_by_position(args) else "sample"}
-    if indexed_by_position(args):
+              "rows": "position" if by_position else "sample"}
+    if by_position:
         fields.update(batch_size=args.batch_size, world_size=world_size, aug_repeats=args.aug_repeats,
                       mixup={"mixup": args.mixup, "cutmix": args.cutmix, "prob": args.mixup_prob,
                              "switch_prob": args.mixup_switch_prob})
