@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .backends import resolve_backend
-from .checks import as_branches, branch_count, check_inputs, check_soft_mask, is_one_hot
+from .checks import (PRESCALE_BELOW_TEMPERATURE, as_branches, branch_count, check_inputs, check_soft_mask,
+                     eps_values, is_one_hot)
 from .op import REDUCTIONS, EagerOFALoss, loss_dtype, ofa_loss_op, row_grad_scale, teacher_tensors
 from .reference import ofa_loss_multi_reference, ofa_loss_soft_mask
 from .sparse import SparseTeacher
@@ -38,10 +39,59 @@ def _constant_tensor(values: tuple, dtype: torch.dtype, device: Optional[torch.d
     return _cached_constant(values, dtype, device)
 
 
+@functools.lru_cache(maxsize=64)
+def _checked_eps(eps, num_branches: int) -> Tensor:
+    """eps (a float or a tuple) checked as check_inputs does, as the op's float64 tensor; once per value."""
+    return _cached_constant(tuple(eps_values(eps if isinstance(eps, float) else list(eps), num_branches)),
+                            torch.float64)
+
+
+def _eager_op_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
+                   expected_upstream: Optional[Sequence[float]]) -> Optional[Tensor]:
+    """The losses from the C++ autograd op (``ofakd_fast_C::ofa_loss``), or None where it does not apply.
+
+    The eager path of the C++ kernels with a dense teacher, int64 class indices and one dtype: the
+    op's own checks (op_inputs.h, the kernel's target range) stand in for check_inputs, whose Python
+    costs as much as the kernel's gap to its floor at ImageNet-1k sizes. Where the op refuses the
+    inputs, None: the checked path then names what is wrong, or converts what it may (a teacher of
+    another dtype, strided rows, int32 targets) and runs.
+    """
+    if torch.compiler.is_compiling() or not isinstance(logits_teacher, Tensor) or not isinstance(target, Tensor):
+        return None
+    if target.dim() != 1 or target.dtype != torch.int64 or not isinstance(eps, (int, float, list, tuple)):
+        return None
+    temperature = float(temperature)
+    if not PRESCALE_BELOW_TEMPERATURE <= temperature < float("inf"):
+        return None
+    if resolve_backend(backend, logits_teacher.device) not in ("cpu", "cuda"):
+        return None
+    branches = as_branches(branch_logits)
+    if any(entry.dtype != logits_teacher.dtype for entry in branches):
+        return None
+    num_branches = sum(branch_count(entry) for entry in branches)
+    eps_tensor = _checked_eps(float(eps) if isinstance(eps, (int, float)) else tuple(eps), num_branches)
+    if expected_upstream is not None and len(expected_upstream) != num_branches:
+        return None  # the checked path names the mismatch
+    upstream = grad_scale = None
+    if logits_teacher.device.type == "cpu":  # the kernel writes the gradients in the forward pass
+        values = expected_upstream if expected_upstream is not None else [1.0] * num_branches
+        upstream, grad_scale = _cached_upstream(tuple(values), loss_dtype(logits_teacher.dtype),
+                                                REDUCTIONS[reduction], target.shape[0])
+    try:
+        return torch.ops.ofakd_fast_C.ofa_loss(branches, logits_teacher, target, eps_tensor, temperature,
+                                               REDUCTIONS[reduction], upstream, grad_scale)
+    except RuntimeError:
+        return None
+
+
 def _fused_ofa_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
                     expected_upstream: Optional[Sequence[float]]) -> Tensor:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    loss = _eager_op_loss(branch_logits, logits_teacher, target, eps, temperature, reduction, backend,
+                          expected_upstream)
+    if loss is not None:
+        return loss
     branches, teacher, target, eps_values, temperature = check_inputs(
         branch_logits, logits_teacher, target, eps, temperature)
     if expected_upstream is not None and len(expected_upstream) != len(eps_values):

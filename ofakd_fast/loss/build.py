@@ -24,7 +24,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_EXTENSION = "ofakd_fast._C"
-CPU_SOURCES = ["ofa_loss_cpu.cpp"]
+CPU_SOURCES = ["ofa_loss_cpu.cpp", "ofa_loss_autograd.cpp"]  # the kernels, the eager autograd op
 
 # at::vec picks its SIMD implementation from these macros; without them it falls back to
 # scalar loops. Build for what this machine's PyTorch reports it can run.

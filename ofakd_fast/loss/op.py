@@ -142,12 +142,12 @@ def _teacher_grads(ctx, grad_logits: Optional[Tensor]) -> list:
     return [grad_logits] + [None] * (ctx.teacher_tensors - 1)
 
 
-def _differentiable_backward(ctx, grad_loss) -> tuple:
+def graph_grads(branches: list, teacher: list, target: Tensor, eps: Tensor, temperature: float, reduction: int,
+                grad_loss: Tensor, teacher_grad: bool) -> list:
     """Gradients that have a graph themselves (``create_graph=True``: a gradient penalty, double
-    backward), from autograd over the reference on the saved inputs: the fused kernels write
-    first-order gradients only, and a gradient detached from its graph would be silently wrong."""
-    target, eps, teacher, branches = _saved_inputs(ctx)
-    temperature, reduction, _, teacher_grad = ctx.options
+    backward), from autograd over the reference: the fused kernels write first-order gradients only,
+    and a gradient detached from its graph would be silently wrong. One per entry of `branches`
+    (None where it needs none), then the teacher logits' when `teacher_grad`."""
     split = [b for entry in branches for b in (entry.unbind(0) if entry.dim() == 3 else [entry])]
     reduction_name = next(name for name, code in REDUCTIONS.items() if code == reduction)
     losses = ofa_loss_multi_reference(split, as_teacher(teacher), target, eps.tolist(), temperature, reduction_name)
@@ -155,8 +155,30 @@ def _differentiable_backward(ctx, grad_loss) -> tuple:
     wanted = [x for x in inputs if x.requires_grad]
     found = iter(torch.autograd.grad(losses, wanted, grad_loss, create_graph=True, allow_unused=True))
     grads = [next(found) if x.requires_grad else None for x in inputs]
-    grads = [torch.zeros_like(x) if g is None and x.requires_grad else g for g, x in zip(grads, inputs)]
+    return [torch.zeros_like(x) if g is None and x.requires_grad else g for g, x in zip(grads, inputs)]
+
+
+def _differentiable_backward(ctx, grad_loss) -> tuple:
+    """The custom op's backward under ``create_graph=True`` (see :func:`graph_grads`)."""
+    target, eps, teacher, branches = _saved_inputs(ctx)
+    temperature, reduction, _, teacher_grad = ctx.options
+    grads = graph_grads(branches, teacher, target, eps, temperature, reduction, grad_loss, teacher_grad)
     return grads[:len(branches)], _teacher_grads(ctx, grads[-1] if teacher_grad else None), *(None,) * 7
+
+
+# The C++ autograd op's backward under create_graph=True (csrc/ofa_loss_autograd.cpp): graph_grads
+# for a dense teacher, with an empty tensor where an entry needs no gradient (a Tensor[] holds no None).
+_LIBRARY = torch.library.Library("ofakd_fast", "FRAGMENT")
+_LIBRARY.define("ofa_loss_graph_backward(Tensor[] branches, Tensor teacher, Tensor target, Tensor eps, "
+                "float temperature, int reduction, Tensor grad_loss, bool teacher_grad) -> Tensor[]")
+
+
+def _graph_backward_op(branches, teacher, target, eps, temperature, reduction, grad_loss, teacher_grad):
+    grads = graph_grads(list(branches), [teacher], target, eps, temperature, reduction, grad_loss, teacher_grad)
+    return [x.new_empty((0,)) if g is None else g for g, x in zip(grads, [*branches, teacher])]
+
+
+_LIBRARY.impl("ofa_loss_graph_backward", _graph_backward_op, "CompositeImplicitAutograd")
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_branches, _grad_of_grad_teacher):
