@@ -6,6 +6,7 @@ Times, interleaved in one process (medians and minimums over --rounds rounds):
   kernel+grad  torch.ops.ofakd_fast_C.fused_forward with the gradient pass (what fwd+bwd runs)
   kernel       the same without gradients (the forward under no_grad)
   call         ofa_loss_multi(...) forward + torch.autograd.grad, as benchmarks/bench_loss.py times it
+  floor        the memcpy floor of the case (benchmarks/_common.py: the bytes a fused call must move)
 and prints the call's overhead over the kernel (input checks, autograd.Function, autograd engine),
 and the kernel's time per student logit. With several --threads, each is timed in the same rounds
 (``torch.set_num_threads`` before every call) and the speed-up over the first is printed. Repeated calls
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, Case, loss_step, make_inputs  # noqa: E402
+from _common import DTYPES, Case, floor_step, loss_step, make_inputs  # noqa: E402
 
 
 def main(argv=None):
@@ -46,6 +47,7 @@ def main(argv=None):
         "kernel+grad": lambda: kernel(detached, teacher, target, eps, 1.0, grad_scale, False),
         "kernel": lambda: kernel(detached, teacher, target, eps, 1.0, None, False),
         "call": loss_step("fused:cpu", "fwdbwd", students, teacher, target),
+        "floor": floor_step(case),
     }
     samples = {(threads, name): [] for threads in args.threads for name in steps}
     for round_index in range(args.rounds + 5):  # 5 warm-up rounds, not kept
@@ -75,6 +77,8 @@ def report(samples: dict, threads: int, logits: int) -> None:
     call_ms = statistics.median(samples[(threads, "call")]) * 1e3
     print(f"  call overhead over the kernel: {call_ms - kernel_ms:.3f} ms ({(call_ms - kernel_ms) / call_ms:.0%} of the call)")
     print(f"  kernel+grad per student logit: {kernel_ms * 1e6 / logits:.3f} ns")
+    floor_ms = statistics.median(samples[(threads, "floor")]) * 1e3
+    print(f"  over the memcpy floor: kernel+grad {kernel_ms / floor_ms:.2f}x, call {call_ms / floor_ms:.2f}x")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ void ofa_rows_cpu(const BranchRows<scalar_t>& branches, const scalar_t* teacher,
 
         const acc_t scale_over_t = out.row_scale(k, b) * inv_t, norm = tr.norm;
         const GradRow<scalar_t> grad{e, acc_t(1) / st.exp_sum, tr.weight_sum, scale_over_t,
-                                     out.grad + (k * pb.B + b) * C};
+                                     out.grad + (k * pb.B + b) * C, pb.stream_grad};
         grad.fill(C, [=](auto zero, int64_t c) { return load(zero, u + c) * decltype(zero)(norm); });
         grad.set(y, tr.w_target);
         if (pb.want_teacher_grad) add_teacher_grad(s, t, C, y, inv_t, tr, st, scale_over_t, scratch);
@@ -186,6 +186,11 @@ BranchOutputs branch_outputs(const OpInputs& in, const at::TensorOptions& option
   return out;
 }
 
+// Whether the branch gradients [K, B, C] are large enough to be streamed past the caches (kStreamGradBytes).
+bool streams_gradients(const OpInputs& in, bool want_grad) {
+  return want_grad && in.K * in.B * in.C * static_cast<int64_t>(c10::elementSize(in.dtype)) >= kStreamGradBytes;
+}
+
 // The kernels' view of the outputs (no gradient pointers when none are wanted).
 template <typename scalar_t>
 BranchOutPtrs<scalar_t> out_ptrs(BranchOutputs& out) {
@@ -215,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(at::TensorList 
       want_grad && teacher_grad ? ReusableBuffers::empty({B, C}, in.dtype) : at::empty({0}, teacher.options());
   if (B == 0 || C == 0) return {out.loss_rows.zero_(), out.grad_branches, grad_teacher};
 
-  Problem pb{in.K, B, C, 1.0 / temperature, want_grad, want_grad && teacher_grad};
+  const Problem pb{in.K, B, C, 1.0 / temperature, want_grad, want_grad && teacher_grad, streams_gradients(in, want_grad)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "ofa_fused_forward_cpu", [&] {
     ofa_rows_cpu<scalar_t>(branch_rows<scalar_t>(in), teacher.const_data_ptr<scalar_t>(), teacher.stride(0), target_ptr,
                            eps_c.const_data_ptr<double>(), pb, out_ptrs<scalar_t>(out),
@@ -292,7 +297,8 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_sparse_cpu(at::TensorList branc
   BranchOutputs out = branch_outputs(in, teacher_logits.options(), grad_scale);
   if (in.B == 0 || in.C == 0) return {out.loss_rows.zero_(), out.grad_branches};
 
-  const Problem pb{in.K, in.B, in.C, 1.0 / temperature, grad_scale.has_value(), false};
+  const Problem pb{in.K, in.B, in.C, 1.0 / temperature, grad_scale.has_value(), false,
+                   streams_gradients(in, grad_scale.has_value())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "ofa_fused_forward_sparse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SparseTeacherPtrs<acc_t> teacher{teacher_logits.const_data_ptr<acc_t>(),

@@ -141,18 +141,83 @@ inline void write_row(const acc_t* values, int64_t n, scalar_t* out) {
 }
 
 
+// Gradients at least this large are written with non-temporal stores (float32, bfloat16 and float16
+// rows, AVX2/AVX512): around the caches and without the read of each line that an ordinary store's
+// write-allocate costs. They cannot stay cached for their consumer anyway; below it (ImageNet-1k:
+// 5 MB) the next backward reads them from cache.
+constexpr int64_t kStreamGradBytes = int64_t(32) << 20;
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+// One vector of float values streamed to `ptr` (aligned to the vector's bytes in scalar_t), narrowed first.
+template <typename scalar_t>
+inline void stream_store(const Vectorized<float>& value, scalar_t* ptr) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_ps(ptr, value);
+#else
+    _mm256_stream_ps(ptr, value);
+#endif
+  } else {
+    const auto narrow = at::vec::convert_from_float<scalar_t>(value, value);  // the first half holds `value`
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(ptr), _mm512_castsi512_si256(narrow));
+#else
+    _mm_stream_si128(reinterpret_cast<__m128i*>(ptr), _mm256_castsi256_si128(narrow));
+#endif
+  }
+}
+#else
+constexpr bool kCanStream = false;
+template <typename scalar_t>
+inline void stream_store(const Vectorized<float>&, scalar_t*) {}
+#endif
+
+// Stores value(zero, c) to out[c] for c in [0, n), streamed when `stream` (see kStreamGradBytes):
+// ordinary stores up to the first vector-aligned element and for the tail, aligned streams between.
+template <typename acc_t, typename scalar_t, typename Value>
+inline void write_values(int64_t n, scalar_t* out, bool stream, const Value& value) {
+  if constexpr (kCanStream && std::is_same_v<acc_t, float>) {
+    if (stream) {
+      using V = Vectorized<float>;
+      constexpr int64_t kWidth = V::size();
+      constexpr auto kBytes = static_cast<uintptr_t>(kWidth * sizeof(scalar_t));
+      const uintptr_t misalignment = reinterpret_cast<uintptr_t>(out) % kBytes;
+      const int64_t head = std::min<int64_t>(n, misalignment ? (kBytes - misalignment) / sizeof(scalar_t) : 0);
+      int64_t c = 0;
+      for (; c < head; ++c) store(value(0.0f, c), out + c);
+      for (; c + kWidth <= n; c += kWidth) stream_store(value(V(0.0f), c), out + c);
+      for (; c < n; ++c) store(value(0.0f, c), out + c);
+      return;
+    }
+  }
+  for_each_element<acc_t, /*kRevisit=*/true>(n, [=](auto zero, int64_t c) { store(value(zero, c), out + c); });
+}
+
+// Orders a thread's streamed stores before the join of at::parallel_for (they are weakly ordered).
+inline void fence_streams() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+
 // ---- The student side, shared by the dense and the sparse kernel ----
 
 struct Problem {
   int64_t K, B, C;
   double inv_temperature;
   bool want_grad, want_teacher_grad;
+  bool stream_grad;  // the branch gradients are written with non-temporal stores (kStreamGradBytes)
 };
 
 // Runs body(row_begin, row_end) over the B rows on the intra-op threads, about 16k elements a chunk.
 template <typename Body>
 void parallel_rows(int64_t B, int64_t C, const Body& body) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), body);
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    body(begin, end);
+    fence_streams();
+  });
 }
 
 // Whether branch k needs weights of its own: consecutive branches with one eps share them.
@@ -245,6 +310,7 @@ struct GradRow {
   const acc_t* e;
   acc_t inv_exp_sum, weight_sum, scale_over_t;
   scalar_t* out;
+  bool stream;  // non-temporal stores (see kStreamGradBytes)
 
   // Every class, with the weights w_c = weight(zero, c); the fields go to locals first so that the
   // stores to `out` cannot alias them.
@@ -252,10 +318,9 @@ struct GradRow {
   void fill(int64_t C, const Weight& weight) const {
     const acc_t* e_row = e;
     const acc_t inv = inv_exp_sum, sum = weight_sum, scale = scale_over_t;
-    scalar_t* row = out;
-    for_each_element<acc_t, /*kRevisit=*/true>(C, [=](auto zero, int64_t c) {
+    write_values<acc_t>(C, out, stream, [=](auto zero, int64_t c) {
       using V = decltype(zero);
-      store(student_grad(V(sum), load(zero, e_row + c) * V(inv), weight(zero, c), V(scale)), row + c);
+      return student_grad(V(sum), load(zero, e_row + c) * V(inv), weight(zero, c), V(scale));
     });
   }
 

@@ -132,7 +132,7 @@ void sparse_rows_cpu(const BranchRows<scalar_t>& branches, const SparseTeacherPt
         out.loss_rows[k * pb.B + b] = sparse_row_loss(branches.row(k, b), inv_t, st, row);
         if (!pb.want_grad) continue;
         const GradRow<scalar_t> grad{e_row, acc_t(1) / st.exp_sum, row.weight_sum, out.row_scale(k, b) * inv_t,
-                                     out.grad + (k * pb.B + b) * C};
+                                     out.grad + (k * pb.B + b) * C, pb.stream_grad};
         sparse_row_grad(grad, C, row);
       }
     }

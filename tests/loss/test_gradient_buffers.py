@@ -121,3 +121,29 @@ def test_training_loop_reuses_the_student_gradient_buffer():
         for s in students:
             s.grad = None
     assert pointers[0] == pointers[1] == pointers[2]
+
+
+STREAM_BYTES = 32 << 20  # kStreamGradBytes (csrc/ofa_loss_cpu_row.h): larger gradients bypass the caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_gradients_equal_the_cached_stores(dtype):
+    """Above kStreamGradBytes the gradient rows are written with non-temporal stores, after an ordinary
+    head up to the vector alignment and before an ordinary tail (C odd: every row starts elsewhere).
+    Each row must equal the same row from a small call, whose gradients are stored through the caches."""
+    classes, chunk = 4099, 256
+    batch = -(-STREAM_BYTES // (classes * dtype.itemsize)) // chunk * chunk + chunk
+    gen = torch.Generator().manual_seed(0)
+    student = (torch.randn(batch, classes, generator=gen) * 3).to(dtype)
+    teacher = (torch.randn(batch, classes, generator=gen) * 3).to(dtype)
+    target = torch.randint(0, classes, (batch,), generator=gen)
+    eps = torch.full((1,), 1.2, dtype=torch.float64)
+    kernel = torch.ops.ofakd_fast_C.fused_forward
+    _, streamed, _ = kernel([student], teacher, target, eps, 1.0, torch.ones(1, 1), False)
+    assert streamed.nbytes >= STREAM_BYTES
+    tolerance = {"rtol": 2 ** -7, "atol": 1e-6} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-9}
+    for first in range(0, batch, chunk):
+        rows = slice(first, first + chunk)
+        _, cached, _ = kernel([student[rows]], teacher[rows], target[rows], eps, 1.0, torch.ones(1, 1), False)
+        assert cached.nbytes < STREAM_BYTES
+        torch.testing.assert_close(streamed[0, rows].float(), cached[0].float(), **tolerance)
